@@ -1,0 +1,23 @@
+"""qlite: quantize Flax (Linen / NNX) models; export full-integer LiteRT
+``.tflite`` files and run the same rules on XLA."""
+
+from qlite.errors import (QliteError, QTypeError, RuleError, CalibrationError,
+                          ConversionError, UnsupportedOpError,
+                          TFLiteFormatError)
+from qlite.rules import QuantizationRule
+from qlite.core.stats import QuantStats
+from qlite.model import quantize_model, QuantizedModel, Provider
+from qlite.convert.inspect import inspect_tflite, TFLiteInfo
+from qlite.convert.runtime import TFLiteRunner
+from qlite.pipeline import (calibrate, export_tflite, export_float_tflite)
+from qlite import annotate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QliteError", "QTypeError", "RuleError", "CalibrationError",
+    "ConversionError", "UnsupportedOpError", "TFLiteFormatError",
+    "QuantizationRule", "QuantStats", "quantize_model", "QuantizedModel",
+    "Provider", "inspect_tflite", "TFLiteInfo", "TFLiteRunner", "calibrate",
+    "export_tflite", "export_float_tflite", "annotate",
+]

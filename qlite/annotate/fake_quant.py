@@ -1,0 +1,72 @@
+"""The ``quant.fake_quant`` composite: a quantization boundary the LiteRT
+converter turns into int8 tensors (its decomposition is the float fake-quant,
+so the same function also runs as "qlite fake-quant JAX")."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlite.core import numerics
+from qlite.core.qtypes import QType, get_qtype
+from qlite.errors import QTypeError
+
+_MLIR_INT = {8: "i8", 16: "i16", 4: "i4"}
+
+
+def mlir_dtype(qtype: QType) -> str:
+  """Returns the composite's ``dtype`` attribute for ``qtype``.
+
+  Raises:
+    QTypeError: LiteRT has no integer kernels for this qtype.
+  """
+  if qtype.kind != "int" or not qtype.signed or qtype.bits not in _MLIR_INT:
+    raise QTypeError(
+        f"qtype {qtype.name!r} cannot be exported to LiteRT: its integer "
+        f"kernels take int8 (or int16 / int4 weights); use 'int8'")
+  return _MLIR_INT[qtype.bits]
+
+
+def fake_quant(x, scale, zero_point, qtype, *, narrow_range: bool = False,
+               axis: int | None = None):
+  """Returns ``x`` wrapped in a ``quant.fake_quant`` composite.
+
+  ``scale`` / ``zero_point``: 1 value (per tensor) or one per index along
+  ``axis`` (per channel). They must be concrete (numpy) values.
+  """
+  qt = get_qtype(qtype)
+  scale = np.asarray(scale, np.float32).reshape(-1)
+  zero_point = np.asarray(zero_point, np.int64).reshape(-1)
+  ndim = np.ndim(x)
+
+  def decomposition(v, **_):
+    if axis is None:
+      s, z = scale[0], zero_point[0]
+    else:
+      shape = [1] * ndim
+      shape[axis] = -1
+      s, z = scale.reshape(shape), zero_point.reshape(shape)
+    return numerics.fake_quant(v, jnp.asarray(s), jnp.asarray(z, jnp.int32),
+                               qt, narrow_range=narrow_range).astype(v.dtype)
+
+  attrs = dict(dtype=mlir_dtype(qt), narrow_range=bool(narrow_range),
+               scale=scale, zero_point=zero_point)
+  if axis is not None:
+    attrs["quantization_dimension"] = int(axis)
+  return jax.lax.composite(decomposition, name="quant.fake_quant")(x, **attrs)
+
+
+def weight_scale(w: np.ndarray, qtype, axis: int | None, method: str = "absmax"):
+  """Returns (scale, zero_point) 1-D arrays for a weight: symmetric narrow
+  range per channel along ``axis`` (per tensor when None)."""
+  w = np.asarray(w, np.float32)
+  reduce = tuple(i for i in range(w.ndim) if i != axis) if axis is not None \
+      else tuple(range(w.ndim))
+  lo = w.min(axis=reduce) if w.size else np.zeros(())
+  hi = w.max(axis=reduce) if w.size else np.zeros(())
+  s, z = numerics.scale_zero_point(np.asarray(lo), np.asarray(hi), qtype,
+                                   symmetric=(method == "absmax"),
+                                   narrow_range=(method == "absmax"))
+  return np.asarray(s, np.float32).reshape(-1), \
+      np.asarray(z, np.int64).reshape(-1)

@@ -1,0 +1,242 @@
+"""Decide, once per traced graph, where the quantization boundaries go.
+
+The plan is shared by calibration (which records statistics at each boundary)
+and conversion (which puts a ``quant.fake_quant`` composite there), so both
+always agree on the set of boundaries and their keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from qlite.annotate import op_table
+from qlite.graph import Graph, Lit, Node, bind
+from qlite.rules import QuantizationRule, RuleMatcher
+
+
+@dataclasses.dataclass(frozen=True)
+class Boundary:
+  """A per-tensor activation boundary: the value of ``var`` is quantized."""
+  var: int
+  key: str                 # stats key, e.g. "Conv_0/conv_general_dilated"
+  rule: QuantizationRule
+  rule_index: int
+  module_path: str
+  op: str                  # the op that produced the value (chain anchor)
+  source: str
+  fixed_range: tuple[float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+  """A constant operand of a conv / dot_general, quantized per channel."""
+  node: int
+  operand: int
+  channel_axis: int | None
+  rule: QuantizationRule
+  key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstSpec:
+  """A constant operand of another op, quantized per tensor."""
+  node: int
+  operand: int
+  rule: QuantizationRule
+  key: str
+
+
+@dataclasses.dataclass
+class Plan:
+  boundaries: dict[int, Boundary]          # var -> boundary, in graph order
+  weights: dict[tuple[int, int], WeightSpec]
+  consts: dict[tuple[int, int], ConstSpec]
+  quantized_nodes: set[int]
+
+  def boundary_by_key(self) -> dict[str, Boundary]:
+    return {b.key: b for b in self.boundaries.values()}
+
+
+def _param_free_constants(graph: Graph) -> dict[int, Any]:
+  """Values of small static vars that do not depend on params (literal
+  broadcasts and the like), for pattern matching (relu's 0, relu6's 6)."""
+  env: dict[int, Any] = {k: v for k, v in graph.consts.items()
+                         if np.size(v) <= 4096}
+  params = set(graph.param_vars)
+  with jax.ensure_compile_time_eval():
+    for node in graph.nodes:
+      if not all(o in graph.static for o in node.outputs):
+        continue
+      if any((not isinstance(a, Lit)) and (a in params or a not in env)
+             for a in node.inputs):
+        continue
+      if any(np.prod(graph.avals[o].shape) > 4096 for o in node.outputs):
+        continue
+      invals = [a.value if isinstance(a, Lit) else env[a] for a in node.inputs]
+      for var, val in zip(node.outputs, bind(node, invals)):
+        env[var] = np.asarray(val)
+  return env
+
+
+class _Keys:
+  def __init__(self):
+    self.seen: dict[str, int] = {}
+
+  def make(self, module_path: str, op: str) -> str:
+    base = f"{module_path}/{op}" if module_path else op
+    n = self.seen.get(base, 0)
+    self.seen[base] = n + 1
+    return base if n == 0 else f"{base}:{n}"
+
+
+def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
+  """Returns the :class:`Plan` of ``graph`` under ``matcher``'s rules."""
+  known = _param_free_constants(graph)
+  keys = _Keys()
+  const_keys = _Keys()
+
+  def static_value(node: Node, i: int):
+    a = node.inputs[i]
+    if isinstance(a, Lit):
+      return np.asarray(a.value)
+    return known.get(a)
+
+  def is_act(a) -> bool:
+    return graph.is_activation(a)
+
+  rules: dict[int, tuple[int, QuantizationRule]] = {}
+  weights: dict[tuple[int, int], WeightSpec] = {}
+  consts: dict[tuple[int, int], ConstSpec] = {}
+  # anchor[var] = (anchor node, rule) of a fusable chain ending at var.
+  anchor: dict[int, Node] = {}
+  out_boundary: dict[int, Node] = {}      # var -> the node it is keyed by
+  quantized: set[int] = set()
+  fused_nodes: set[int] = set()     # bias / activation folded into a chain
+
+  for node in graph.nodes:
+    act_outs = [o for o in node.outputs if is_act(o)]
+    if not act_outs:
+      continue
+    m = matcher.match(node.module_path, node.name)
+    if m is None:
+      continue
+    idx, rule = m
+    rules[node.index] = m
+    act_ins = [i for i, a in enumerate(node.inputs) if is_act(a)]
+    static_float_ins = [i for i, a in enumerate(node.inputs)
+                        if not isinstance(a, Lit) and not is_act(a)
+                        and graph.is_float(a)]
+    if rule.act_qtype is not None:
+      quantized.add(node.index)
+    name = node.name
+    if name in op_table.WEIGHTED and len(act_ins) == 1 and static_float_ins:
+      w = static_float_ins[0]
+      if rule.weight_qtype is not None:
+        ndim = len(graph.avals[node.inputs[w]].shape)
+        weights[(node.index, w)] = WeightSpec(
+            node.index, w, op_table.weight_channel_axis(node, w, ndim), rule,
+            const_keys.make(node.module_path, name) + ":weight")
+      anchor[node.outputs[0]] = node
+      out_boundary[node.outputs[0]] = node
+      continue
+    if name in op_table.PASS_THROUGH:
+      continue
+    src = node.inputs[act_ins[0]] if len(act_ins) == 1 else None
+    if src is not None and src in anchor and len(graph.consumers[src]) == 1 \
+        and src not in graph.out_vars:
+      chain = anchor[src]
+      fused = False
+      if name in op_table.BIAS and static_float_ins and \
+          producer_kind(graph, src, anchor) in ("weighted",):
+        fused = True
+      elif op_table.relu_kind(node, lambda i: static_value(node, i)):
+        kind = op_table.relu_kind(node, lambda i: static_value(node, i))
+        prev = graph.producer.get(src)
+        if kind in ("relu", "relu6") or (
+            kind == "min6" and prev is not None and prev.name == "max"):
+          fused = True
+      if fused:
+        fused_nodes.add(node.index)
+        out_boundary.pop(src, None)
+        anchor[node.outputs[0]] = chain
+        out_boundary[node.outputs[0]] = chain
+        continue
+    # A plain compute op: constants it reads are quantized per tensor.
+    for i in static_float_ins:
+      if node.inputs[i] in known and np.size(known[node.inputs[i]]) == 1:
+        continue   # scalar constants: the converter quantizes them itself
+      consts[(node.index, i)] = ConstSpec(
+          node.index, i, rule,
+          const_keys.make(node.module_path, name) + f":const{i}")
+    for o in act_outs:
+      out_boundary[o] = node
+
+  boundaries: dict[int, Boundary] = {}
+
+  def add_boundary(var: int, keyed_by: Node | None, rule_m, op: str,
+                   module_path: str, source: str, key: str | None = None):
+    idx, rule = rule_m
+    if rule.act_qtype is None or var in boundaries:
+      return
+    fixed = op_table.FIXED_RANGE.get(op) if keyed_by is not None else None
+    if fixed is None and rule.act_calibration_method == "fixed":
+      fixed = tuple(rule.act_fixed_range)
+    boundaries[var] = Boundary(var, key or keys.make(module_path, op), rule,
+                               idx, module_path, op, source, fixed)
+
+  # Output boundaries, in graph order of the value's definition.
+  for node in graph.nodes:
+    for o in node.outputs:
+      if o in out_boundary:
+        key_node = out_boundary[o]
+        op = node.name if node.name in op_table.FIXED_RANGE else key_node.name
+        add_boundary(o, key_node, rules[key_node.index], op,
+                     key_node.module_path, key_node.source)
+
+  # Every activation input of a quantized op must itself be quantized:
+  # walk back through pass-through ops to the value that carries the scale.
+  arg_index = {v: i for i, v in enumerate(graph.arg_vars)}
+  for node in graph.nodes:
+    if node.index not in quantized or node.index in fused_nodes:
+      continue
+    for a in node.inputs:
+      if not is_act(a):
+        continue
+      src = _scale_source(graph, a)
+      if src in boundaries:
+        continue
+      if src in arg_index:
+        add_boundary(src, None, rules[node.index], "input", "", "model input",
+                     key=f"input{arg_index[src]}")
+      else:
+        prod = graph.producer[src]
+        add_boundary(src, None, rules[node.index], prod.name,
+                     prod.module_path, prod.source)
+  ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
+  return Plan(ordered, weights, consts, quantized)
+
+
+def producer_kind(graph: Graph, var: int, anchor: dict) -> str:
+  node = graph.producer.get(var)
+  if node is None:
+    return "input"
+  if node.name in op_table.WEIGHTED:
+    return "weighted"
+  return "other"
+
+
+def _scale_source(graph: Graph, var: int) -> int:
+  """Follows pass-through producers back to the value whose scale ``var``
+  shares."""
+  while True:
+    node = graph.producer.get(var)
+    if node is None or node.name not in op_table.PASS_THROUGH:
+      return var
+    acts = [a for a in node.inputs if graph.is_activation(a)]
+    if len(acts) != 1:
+      return var
+    var = acts[0]

@@ -1,0 +1,236 @@
+"""The ODML providers: calibration (collect activation statistics at every
+boundary of the plan) and conversion (emit ``quant.fake_quant`` composites
+with static scales, weights baked in as constants)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from qlite import graph as graph_lib
+from qlite.annotate import fake_quant as fq
+from qlite.annotate.plan import Plan, build_plan
+from qlite.core import calibration, numerics
+from qlite.core.stats import QuantStats
+from qlite.errors import CalibrationError, QTypeError
+from qlite.model import Provider, QuantizedModel
+from qlite.rules import QuantizationRule, RuleMatcher
+
+
+class _PlannedProvider(Provider):
+  def __init__(self, rules: Sequence[QuantizationRule]):
+    self.matcher = RuleMatcher(rules)
+
+  @property
+  def rules(self):
+    return self.matcher.rules
+
+  def prepare(self, graph):
+    return build_plan(graph, self.matcher)
+
+  def unmatched_rules(self):
+    """Returns ``(index, rule)`` of rules that matched no op so far."""
+    return self.matcher.unmatched_rules()
+
+
+class CalibrationProvider(_PlannedProvider):
+  """Runs the float model and records statistics at every boundary.
+
+  Each call is jitted (once per input signature) and aggregates into
+  ``provider.stats`` (a :class:`QuantStats`) on the host.
+  """
+
+  def __init__(self, rules: Sequence[QuantizationRule], *,
+               method: str = "minmax"):
+    super().__init__(rules)
+    if method not in calibration.CALIBRATION_METHODS:
+      raise CalibrationError(f"unknown calibration method {method!r}; choose "
+                             f"one of {', '.join(calibration.CALIBRATION_METHODS)}")
+    self.method = method
+    self.records: dict[str, dict] = {}
+    self.num_batches = 0
+    self._steps: dict = {}
+
+  def _step(self, graph: graph_lib.Graph, plan: Plan):
+    if id(graph) not in self._steps:
+      need_pct = {b.var for b in plan.boundaries.values()
+                  if (b.rule.act_calibration_method or self.method)
+                  == "percentile"
+                  or b.rule.act_aggregation == "percentile"}
+      def step(flat_params, flat_args):
+        stats = {}
+        def on_value(var, val):
+          b = plan.boundaries.get(var)
+          if b is not None and b.fixed_range is None:
+            stats[b.key] = _batch_stats(val, var in need_pct)
+          return val
+        outs = graph_lib.evaluate(graph, flat_params, flat_args,
+                                  on_value=on_value)
+        return outs, stats
+      self._steps[id(graph)] = (graph, jax.jit(step))
+    return self._steps[id(graph)][1]
+
+  def run(self, qmodel, graph, plan, flat_params, flat_args):
+    outs, stats = self._step(graph, plan)(flat_params, flat_args)
+    stats = jax.device_get(stats)
+    by_key = plan.boundary_by_key()
+    for key, batch in stats.items():
+      b = by_key[key]
+      if not all(np.all(np.isfinite(v)) for v in batch.values()):
+        raise CalibrationError(
+            f"calibration batch {self.num_batches}: the activation at "
+            f"`{key}` ({b.source}) contains NaN or Inf; check the calibration "
+            f"data (and the model) for non-finite values")
+      self.records[key] = calibration.aggregate(
+          self.records.get(key), batch, aggregation=b.rule.act_aggregation)
+    self.num_batches += 1
+    return outs
+
+  @property
+  def stats(self) -> QuantStats:
+    """The statistics aggregated so far."""
+    return QuantStats(dict(self.records), {"num_batches": self.num_batches,
+                                           "method": self.method})
+
+
+def _batch_stats(x, with_percentiles: bool):
+  if with_percentiles:
+    return calibration.batch_stats(x)
+  x = jax.numpy.ravel(x).astype(np.float32)
+  return {"min": x.min(), "max": x.max(), "absmax": jax.numpy.abs(x).max(),
+          "sumsq": jax.numpy.sum(x * x),
+          "count": jax.numpy.asarray(x.size, jax.numpy.int32),
+          "p_lo": x.min(), "p_hi": x.max()}
+
+
+def boundary_scale(b, stats: QuantStats | None):
+  """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``.
+
+  Raises:
+    CalibrationError: ``stats`` has no record for ``b`` (names its key,
+      module path and source line).
+  """
+  qt = b.rule.act_qtype
+  if b.fixed_range is not None:
+    lo, hi = b.fixed_range
+  else:
+    if stats is None or b.key not in stats:
+      raise CalibrationError(
+          f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
+          f"`{b.module_path or '<root>'}`, {b.source}); calibrate with the "
+          f"same model and rules (qlite.calibrate) and pass those stats")
+    method = b.rule.act_calibration_method or stats.meta.get("method",
+                                                             "minmax")
+    lo, hi = calibration.activation_range(
+        stats[b.key], method,
+        aggregation=b.rule.act_aggregation,
+        fixed_range=b.rule.act_fixed_range)
+  s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
+                                   symmetric=False, narrow_range=False)
+  return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
+
+
+class ConversionProvider(_PlannedProvider):
+  """Emits ``quant.fake_quant`` composites: weights per channel (symmetric,
+  narrow range), activations per tensor from ``stats``. Params are folded in
+  as constants, so call it with concrete variables (not under ``jit``).
+  Running it in JAX gives qlite's fake-quant model; exporting it gives the
+  full-integer ``.tflite``.
+  """
+
+  def __init__(self, rules: Sequence[QuantizationRule],
+               stats: QuantStats | None = None):
+    super().__init__(rules)
+    if stats is not None and not isinstance(stats, QuantStats):
+      stats = as_quant_stats(stats)
+    self.stats = stats
+
+  def prepare(self, graph):
+    plan = build_plan(graph, self.matcher)
+    for b in plan.boundaries.values():
+      fq.mlir_dtype(_qtype(b.rule.act_qtype, b))
+      boundary_scale(b, self.stats)     # fail early on missing stats
+    return plan
+
+  def function(self, graph: graph_lib.Graph, plan: Plan, flat_params):
+    """Returns ``f(*flat_args) -> flat outputs`` with the params folded in."""
+    folded = graph_lib.fold_static(graph, flat_params)
+    scales = {var: boundary_scale(b, self.stats)
+              for var, b in plan.boundaries.items()}
+    weight_q = {}
+    for (ni, op), spec in plan.weights.items():
+      w = folded[graph.nodes[ni].inputs[op]]
+      s, z = fq.weight_scale(w, spec.rule.weight_qtype, spec.channel_axis,
+                             spec.rule.weight_calibration_method)
+      weight_q[(ni, op)] = (s, z, spec)
+    const_q = {}
+    for (ni, op), spec in plan.consts.items():
+      c = folded[graph.nodes[ni].inputs[op]]
+      s, z = numerics.scale_zero_point(
+          np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
+          symmetric=False, narrow_range=False)
+      const_q[(ni, op)] = (np.reshape(s, -1), np.reshape(z, -1), spec)
+
+    def on_value(var, val):
+      b = plan.boundaries.get(var)
+      if b is None:
+        return val
+      s, z = scales[var]
+      return fq.fake_quant(val, s, z, b.rule.act_qtype)
+
+    def on_node(node, invals):
+      hit = False
+      for i in range(len(invals)):
+        if (node.index, i) in weight_q:
+          s, z, spec = weight_q[(node.index, i)]
+          invals[i] = fq.fake_quant(
+              invals[i], s, z, spec.rule.weight_qtype,
+              narrow_range=spec.rule.weight_calibration_method == "absmax",
+              axis=spec.channel_axis)
+          hit = True
+        elif (node.index, i) in const_q:
+          s, z, spec = const_q[(node.index, i)]
+          invals[i] = fq.fake_quant(invals[i], s, z, spec.rule.act_qtype)
+          hit = True
+      return graph_lib.bind(node, invals) if hit else None
+
+    def f(*flat_args):
+      return graph_lib.evaluate(graph, flat_params, flat_args,
+                                on_value=on_value, on_node=on_node,
+                                preset=folded)
+    return f
+
+  def run(self, qmodel, graph, plan, flat_params, flat_args):
+    key = ("fn", id(graph))
+    cache = qmodel.__dict__.setdefault("_conversion_fns", {})
+    if key not in cache or cache[key][0] is not flat_params:
+      cache[key] = (flat_params, jax.jit(self.function(graph, plan,
+                                                       flat_params)))
+    return cache[key][1](*flat_args)
+
+
+def _qtype(name, b):
+  try:
+    from qlite.core.qtypes import get_qtype
+    return get_qtype(name)
+  except QTypeError as e:
+    raise QTypeError(f"`{b.key}`: {e}") from None
+
+
+def as_quant_stats(stats: Any) -> QuantStats:
+  """Returns ``stats`` as a :class:`QuantStats` (accepts a QuantStats or a
+  ``{key: record}`` mapping).
+
+  Raises:
+    CalibrationError: anything else.
+  """
+  if isinstance(stats, QuantStats):
+    return stats
+  if isinstance(stats, dict) and all(isinstance(v, dict)
+                                     for v in stats.values()):
+    return QuantStats({k: dict(v) for k, v in stats.items()}, {})
+  raise CalibrationError(f"stats must be a qlite.QuantStats (from "
+                         f"qlite.calibrate or QuantStats.load), got "
+                         f"{type(stats).__name__}")

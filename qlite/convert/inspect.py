@@ -1,0 +1,174 @@
+"""Read a ``.tflite`` flatbuffer: ops, tensors, dtypes, quantization, and
+whether the model is full-integer."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from qlite.errors import TFLiteFormatError
+
+FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"})
+
+
+@dataclasses.dataclass
+class TensorInfo:
+  index: int
+  name: str
+  dtype: str                         # "INT8", "FLOAT32", ...
+  shape: tuple[int, ...]
+  scale: np.ndarray | None           # None when not quantized
+  zero_point: np.ndarray | None
+  quantized_dimension: int
+  is_constant: bool
+
+  @property
+  def per_channel(self) -> bool:
+    return self.scale is not None and self.scale.size > 1
+
+
+@dataclasses.dataclass
+class OpInfo:
+  index: int
+  name: str                          # builtin name, e.g. "CONV_2D"
+  inputs: tuple[int, ...]
+  outputs: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class TFLiteInfo:
+  """What :func:`inspect_tflite` returns."""
+  size_bytes: int
+  ops: list[OpInfo]
+  tensors: list[TensorInfo]
+  inputs: list[int]
+  outputs: list[int]
+  float_ops: list[OpInfo]            # compute ops on float tensors
+
+  @property
+  def op_histogram(self) -> dict[str, int]:
+    return dict(collections.Counter(op.name for op in self.ops))
+
+  @property
+  def full_integer(self) -> bool:
+    """True when every op runs on integer tensors (a QUANTIZE of a float model
+    input and a DEQUANTIZE to a float model output excepted)."""
+    return not self.float_ops
+
+  def tensor(self, index: int) -> TensorInfo:
+    return self.tensors[index]
+
+  def summary(self) -> str:
+    """A short multi-line text: size, op histogram, io dtypes, float ops."""
+    hist = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_histogram.items()))
+    io_in = ", ".join(f"{self.tensors[i].name}:{self.tensors[i].dtype}"
+                      for i in self.inputs)
+    io_out = ", ".join(f"{self.tensors[i].name}:{self.tensors[i].dtype}"
+                       for i in self.outputs)
+    lines = [f"size: {self.size_bytes} bytes", f"ops ({len(self.ops)}): {hist}",
+             f"inputs: {io_in}", f"outputs: {io_out}",
+             f"full_integer: {self.full_integer}"]
+    for op in self.float_ops:
+      outs = ", ".join(self.tensors[i].name for i in op.outputs)
+      lines.append(f"  float op: {op.name} -> {outs}")
+    return "\n".join(lines)
+
+
+def _enum_names(cls) -> dict[int, str]:
+  return {v: k for k, v in vars(cls).items()
+          if not k.startswith("_") and isinstance(v, int)}
+
+
+def _read_bytes(model: Any) -> bytes:
+  if isinstance(model, (bytes, bytearray, memoryview)):
+    return bytes(model)
+  if isinstance(model, (str, os.PathLike)):
+    path = os.fspath(model)
+    if not os.path.exists(path):
+      raise TFLiteFormatError(f"inspect_tflite: no such file {path!r}")
+    if os.path.isdir(path):
+      raise TFLiteFormatError(f"inspect_tflite: {path!r} is a directory, "
+                              f"not a .tflite file")
+    with open(path, "rb") as f:
+      return f.read()
+  raise TFLiteFormatError(f"inspect_tflite takes a path or bytes, got "
+                          f"{type(model).__name__}")
+
+
+def inspect_tflite(model: Any) -> TFLiteInfo:
+  """Returns a :class:`TFLiteInfo` for a ``.tflite`` path or bytes.
+
+  Raises:
+    TFLiteFormatError: missing file, not a TFLite flatbuffer, or truncated.
+  """
+  from ai_edge_litert import schema_py_generated as schema
+  data = _read_bytes(model)
+  if len(data) < 8 or data[4:8] != b"TFL3":
+    raise TFLiteFormatError(
+        f"not a .tflite model ({len(data)} bytes, missing the 'TFL3' "
+        f"flatbuffer identifier)")
+  try:
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    ops_names = _enum_names(schema.BuiltinOperator)
+    type_names = _enum_names(schema.TensorType)
+    opcodes = []
+    for oc in m.operatorCodes:
+      code = max(int(oc.builtinCode), int(oc.deprecatedBuiltinCode))
+      name = ops_names.get(code, f"BUILTIN_{code}")
+      if name == "CUSTOM":
+        name = f"CUSTOM:{(oc.customCode or b'').decode(errors='replace')}"
+      opcodes.append(name)
+    sg = m.subgraphs[0]
+    tensors = []
+    for i, t in enumerate(sg.tensors):
+      q = t.quantization
+      scale = zp = None
+      qdim = 0
+      if q is not None and q.scale is not None and len(q.scale) > 0:
+        scale = np.asarray(q.scale, np.float32)
+        zp = np.asarray(q.zeroPoint if q.zeroPoint is not None else
+                        np.zeros_like(scale), np.int64)
+        qdim = int(q.quantizedDimension)
+      buf = m.buffers[t.buffer] if 0 < t.buffer < len(m.buffers) else None
+      const = buf is not None and ((buf.data is not None and len(buf.data) > 0)
+                                   or (getattr(buf, "size", 0) or 0) > 0)
+      name = t.name.decode(errors="replace") if isinstance(t.name, bytes) \
+          else str(t.name)
+      tensors.append(TensorInfo(
+          i, name, type_names.get(int(t.type), str(t.type)),
+          tuple(int(d) for d in (t.shape if t.shape is not None else ())),
+          scale, zp, qdim, const))
+    ops = [OpInfo(i, opcodes[op.opcodeIndex],
+                  tuple(int(x) for x in (op.inputs if op.inputs is not None
+                                         else ())),
+                  tuple(int(x) for x in (op.outputs if op.outputs is not None
+                                         else ())))
+           for i, op in enumerate(sg.operators or [])]
+    inputs = [int(i) for i in sg.inputs]
+    outputs = [int(i) for i in sg.outputs]
+  except TFLiteFormatError:
+    raise
+  except Exception as e:
+    raise TFLiteFormatError(f"corrupt or truncated .tflite model "
+                            f"({len(data)} bytes): {type(e).__name__}: {e}") \
+        from None
+  float_ops = _float_ops(ops, tensors, set(inputs), set(outputs))
+  return TFLiteInfo(len(data), ops, tensors, inputs, outputs, float_ops)
+
+
+def _float_ops(ops, tensors, model_inputs, model_outputs) -> list[OpInfo]:
+  out = []
+  for op in ops:
+    ins = [i for i in op.inputs if i >= 0]
+    if op.name == "QUANTIZE" and all(i in model_inputs for i in ins):
+      continue
+    if op.name == "DEQUANTIZE" and all(o in model_outputs for o in op.outputs) \
+        and not any(tensors[i].is_constant for i in ins):
+      continue
+    if any(tensors[i].dtype in FLOAT_TYPES for i in ins + list(op.outputs)):
+      out.append(op)
+  return out

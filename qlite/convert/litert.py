@@ -1,0 +1,131 @@
+"""jax function -> StableHLO (jax.export) -> litert-converter -> .tflite bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from qlite.errors import ConversionError, QliteError
+
+IO_DTYPES = ("float32", "int8")
+SIGNATURE = "serving_default"
+
+
+def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
+  """Returns the StableHLO module text of ``jax.jit(fn)`` at ``avals``.
+
+  Raises:
+    ConversionError: ``jax.export`` failed (e.g. a non-array value).
+  """
+  try:
+    return jax.export.export(jax.jit(fn))(*avals).mlir_module()
+  except QliteError:
+    raise
+  except Exception as e:
+    raise ConversionError(f"jax.export of the model failed: "
+                          f"{type(e).__name__}: {e}") from e
+
+
+def convert_stablehlo(text: str, input_names: Sequence[str],
+                      output_names: Sequence[str], *, quantized: bool) -> bytes:
+  """Converts a StableHLO module to ``.tflite`` flatbuffer bytes.
+
+  ``quantized`` selects the converter's strict static QDQ mode (the
+  ``quant.fake_quant`` composites become int8 tensors).
+  Raises:
+    ConversionError: the converter rejected the module.
+  """
+  from litert_converter import converter_api_ext as capi
+  from litert_converter.mlir import ir, passmanager
+  ctx = ir.Context()
+  capi.prepare_mlir_context(ctx)
+  try:
+    with ctx:
+      module = ir.Module.parse(text)
+      capi.set_signature(module.operation, SIGNATURE, list(input_names),
+                         list(output_names))
+      cfg = capi.ConvertToTFLConfig()
+      if quantized:
+        cfg.qdq_conversion_mode = "STATIC"
+        cfg.strict_qdq_mode = True
+        cfg.model_origin_framework = "JAX"
+      else:
+        cfg.qdq_conversion_mode = "NONE"
+      capi.run_convert_to_tfl_passes(module, passmanager.PassManager(), cfg)
+      return bytes(capi.export_flatbuffer_to_bytes(module.operation))
+  except Exception as e:
+    raise ConversionError(f"litert-converter failed: {type(e).__name__}: "
+                          f"{e}") from e
+
+
+def convert_function(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct], *,
+                     quantized: bool, input_names: Sequence[str] | None = None,
+                     output_names: Sequence[str] | None = None,
+                     num_outputs: int | None = None) -> bytes:
+  """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out)."""
+  text = stablehlo_text(fn, avals)
+  if num_outputs is None:
+    num_outputs = len(jax.eval_shape(fn, *avals))
+  input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
+  output_names = list(output_names or
+                      [f"output_{i}" for i in range(num_outputs)])
+  return convert_stablehlo(text, input_names, output_names,
+                           quantized=quantized)
+
+
+def set_int8_io(blob: bytes) -> bytes:
+  """Returns ``blob`` with int8 model inputs and outputs (the float
+  QUANTIZE / DEQUANTIZE at the interface removed).
+
+  Raises:
+    ConversionError: the model has no quantized interface to rewrite.
+  """
+  from ai_edge_litert import _pywrap_modify_model_interface as mmi
+  int8 = 9   # TensorType.INT8
+  with tempfile.TemporaryDirectory() as d:
+    src, dst = os.path.join(d, "in.tflite"), os.path.join(d, "out.tflite")
+    with open(src, "wb") as f:
+      f.write(blob)
+    status = mmi.modify_model_interface(src, dst, int8, int8)
+    if status != 0 or not os.path.exists(dst):
+      raise ConversionError(
+          "io_dtype='int8': could not rewrite the model interface to int8 "
+          "(the inputs / outputs must be float tensors that are quantized / "
+          "dequantized right at the interface)")
+    with open(dst, "rb") as f:
+      return f.read()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> str:
+  """Writes ``data`` to ``path`` atomically; returns the path.
+
+  Raises:
+    QliteError: the directory is missing or not writable (nothing is left
+      behind).
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise QliteError(f"cannot write {path!r}: directory {directory!r} does "
+                     f"not exist; create it first")
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=".qlite-", suffix=".tmp", dir=directory)
+  except OSError as e:
+    raise QliteError(f"cannot write {path!r}: {e.strerror} ({directory!r} "
+                     f"not writable?)") from None
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise QliteError(f"cannot write {path!r}: {e}") from None
+    raise
+  return path

@@ -1,0 +1,83 @@
+"""Run a ``.tflite`` model with the LiteRT interpreter."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from qlite.errors import QliteError
+
+
+class TFLiteRunner:
+  """Runs a ``.tflite`` model on flat numpy inputs (in signature order).
+
+  int8 model inputs / outputs are quantized / dequantized with the tensor's
+  own scale, so callers always pass and get float arrays.
+  """
+
+  def __init__(self, model: bytes, *, num_threads: int | None = None,
+               preserve_all_tensors: bool = False):
+    import warnings
+    from ai_edge_litert.interpreter import Interpreter
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      self.interpreter = Interpreter(
+          model_content=bytes(model), num_threads=num_threads,
+          experimental_preserve_all_tensors=preserve_all_tensors)
+    self.runner = self.interpreter.get_signature_runner()
+    details = self.runner.get_input_details()
+    self.input_names = sorted(details, key=_index_of_name)
+    self.input_details = [details[n] for n in self.input_names]
+    out = self.runner.get_output_details()
+    self.output_names = sorted(out, key=_index_of_name)
+    self.output_details = [out[n] for n in self.output_names]
+
+  def run(self, *flat_inputs: np.ndarray) -> list[np.ndarray]:
+    """Returns the float outputs for ``flat_inputs``.
+
+    Raises:
+      QliteError: wrong number of inputs or a shape the model does not take.
+    """
+    if len(flat_inputs) != len(self.input_details):
+      raise QliteError(f"the .tflite model takes {len(self.input_details)} "
+                       f"inputs, got {len(flat_inputs)}")
+    feed = {}
+    for name, d, x in zip(self.input_names, self.input_details, flat_inputs):
+      x = np.asarray(x)
+      if tuple(x.shape) != tuple(d["shape"]):
+        raise QliteError(f".tflite input {name!r} has shape "
+                         f"{tuple(d['shape'])}, got an array of shape "
+                         f"{tuple(x.shape)}")
+      feed[name] = _to_model_dtype(x, d)
+    outs = self.runner(**feed)
+    return [_from_model_dtype(outs[n], d)
+            for n, d in zip(self.output_names, self.output_details)]
+
+  def tensor(self, index: int) -> np.ndarray:
+    """Returns intermediate tensor ``index`` (needs preserve_all_tensors)."""
+    return self.interpreter.get_tensor(index)
+
+
+def _index_of_name(name: str):
+  tail = name.rsplit("_", 1)[-1]
+  return (int(tail) if tail.isdigit() else 1 << 30, name)
+
+
+def _to_model_dtype(x, d):
+  dtype = np.dtype(d["dtype"])
+  if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating):
+    scale, zp = d["quantization"]
+    if scale:
+      info = np.iinfo(dtype)
+      return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dtype)
+  return x.astype(dtype)
+
+
+def _from_model_dtype(y, d):
+  dtype = np.dtype(d["dtype"])
+  if np.issubdtype(dtype, np.integer):
+    scale, zp = d["quantization"]
+    if scale:
+      return (y.astype(np.float32) - zp) * np.float32(scale)
+  return np.asarray(y)

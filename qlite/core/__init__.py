@@ -1,0 +1,42 @@
+"""qlite.core: qtypes, quantization numerics, QArray, calibration statistics.
+
+Everything both backends (ODML annotate and XLA PTQ) share is defined here once.
+"""
+
+from qlite.core.calibration import CALIBRATION_METHODS
+from qlite.core.calibration import activation_range
+from qlite.core.calibration import aggregate
+from qlite.core.calibration import batch_stats
+from qlite.core.calibration import check_finite
+from qlite.core.numerics import ZERO_RANGE_SCALE
+from qlite.core.numerics import dequantize_values
+from qlite.core.numerics import fake_quant
+from qlite.core.numerics import quantize_values
+from qlite.core.numerics import scale_zero_point
+from qlite.core.qarray import QArray
+from qlite.core.qarray import dequantize
+from qlite.core.qarray import quantize
+from qlite.core.qtypes import NF4_LEVELS
+from qlite.core.qtypes import QType
+from qlite.core.qtypes import get_qtype
+from qlite.core.stats import QuantStats
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "NF4_LEVELS",
+    "QArray",
+    "QType",
+    "QuantStats",
+    "ZERO_RANGE_SCALE",
+    "activation_range",
+    "aggregate",
+    "batch_stats",
+    "check_finite",
+    "dequantize",
+    "dequantize_values",
+    "fake_quant",
+    "get_qtype",
+    "quantize",
+    "quantize_values",
+    "scale_zero_point",
+]

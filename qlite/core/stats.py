@@ -1,0 +1,245 @@
+"""QuantStats: calibration records per boundary, saved to / loaded from one ``.npz``.
+
+File format (``format = "qlite.QuantStats"``, ``version = 1``): one
+uncompressed ``.npz``. Array ``r{i}.{j}`` is statistic ``j`` of record ``i``;
+array ``__index__`` holds UTF-8 JSON bytes (uint8) with the format tag, the
+record names and statistic names in order, and ``meta``. Boundary names are
+arbitrary strings, so they live only in the JSON, never in member names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from qlite.errors import CalibrationError, QliteError
+
+__all__ = ["QuantStats", "MissingRecordError", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "qlite.QuantStats"
+FORMAT_VERSION = 1
+_INDEX = "__index__"
+
+
+class MissingRecordError(CalibrationError, KeyError):
+  """A boundary name has no record in a :class:`QuantStats` (also a KeyError)."""
+
+  def __str__(self) -> str:  # KeyError would quote the message.
+    return str(self.args[0]) if self.args else ""
+
+
+def _check_json(meta: Mapping[str, Any]) -> dict[str, Any]:
+  try:
+    text = json.dumps(dict(meta), sort_keys=True)
+  except (TypeError, ValueError) as e:
+    raise QliteError(f"QuantStats meta must be JSON-serialisable: {e}") from e
+  return json.loads(text)
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantStats:
+  """Calibration records keyed by boundary name, plus JSON metadata.
+
+  ``records[name][stat]`` is a numpy array (see
+  :mod:`qlite.core.calibration` for the statistics). ``meta`` is a
+  JSON-serialisable dict (e.g. ``num_batches``, ``method``, model
+  fingerprint, qlite version). A pytree whose leaves are the arrays.
+  """
+
+  def __init__(self, records: Mapping[str, Mapping[str, Any]] | None = None,
+               meta: Mapping[str, Any] | None = None):
+    """Builds QuantStats; raises QliteError if ``meta`` is not JSON-serialisable
+    or a record name is not a string."""
+    self.records: dict[str, dict[str, np.ndarray]] = {}
+    for name, record in (records or {}).items():
+      if not isinstance(name, str):
+        raise QliteError(f"QuantStats record names must be str, got {name!r}.")
+      self.records[name] = {str(k): np.asarray(v) for k, v in record.items()}
+    self.meta: dict[str, Any] = _check_json(meta or {})
+
+  # Mapping-like access.
+  def __getitem__(self, name: str) -> dict[str, np.ndarray]:
+    """Returns the record of boundary ``name``; raises MissingRecordError (a KeyError)."""
+    try:
+      return self.records[name]
+    except KeyError:
+      known = list(self.records)
+      shown = ", ".join(repr(k) for k in known[:10])
+      more = f" (+{len(known) - 10} more)" if len(known) > 10 else ""
+      raise MissingRecordError(
+          f"No calibration statistics for {name!r}; known boundaries: "
+          f"{shown or 'none'}{more}. Re-run calibration with the same model "
+          "and rules.") from None
+
+  def __contains__(self, name: object) -> bool:
+    return name in self.records
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.records)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def keys(self):
+    """Returns the boundary names (a dict keys view)."""
+    return self.records.keys()
+
+  def items(self):
+    """Returns ``(name, record)`` pairs (a dict items view)."""
+    return self.records.items()
+
+  def get(self, name: str, default=None):
+    """Returns the record of ``name``, or ``default`` if absent."""
+    return self.records.get(name, default)
+
+  @property
+  def num_batches(self) -> int | None:
+    """Returns ``meta["num_batches"]``, else the first record's ``num_batches``, else None."""
+    if "num_batches" in self.meta:
+      return self.meta["num_batches"]
+    for record in self.records.values():
+      if "num_batches" in record:
+        return int(record["num_batches"])
+    return None
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, QuantStats):
+      return NotImplemented
+    if self.meta != other.meta or self.records.keys() != other.records.keys():
+      return False
+    for name, record in self.records.items():
+      theirs = other.records[name]
+      if record.keys() != theirs.keys():
+        return False
+      for k, v in record.items():
+        w = theirs[k]
+        if (v.dtype != w.dtype or v.shape != w.shape
+            or v.tobytes() != w.tobytes()):
+          return False
+    return True
+
+  __hash__ = None  # mutable
+
+  def __repr__(self) -> str:
+    extra = "".join(f", {k}={self.meta[k]!r}" for k in ("method",)
+                    if k in self.meta)
+    return (f"QuantStats({len(self.records)} records, "
+            f"{self.num_batches} batches{extra})")
+
+  # Pytree.
+  def tree_flatten(self):
+    names = tuple(self.records)
+    stat_names = tuple(tuple(self.records[n]) for n in names)
+    leaves = [self.records[n][s] for n, ss in zip(names, stat_names) for s in ss]
+    aux = (names, stat_names, json.dumps(self.meta, sort_keys=True))
+    return leaves, aux
+
+  @classmethod
+  def tree_unflatten(cls, aux, leaves):
+    names, stat_names, meta = aux
+    obj = object.__new__(cls)
+    it = iter(leaves)
+    obj.records = {n: {s: next(it) for s in ss} for n, ss in zip(names, stat_names)}
+    obj.meta = json.loads(meta)
+    return obj
+
+  # Files.
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the stats to ``path`` (one ``.npz``, written atomically). Returns None.
+
+    Raises:
+      QliteError: the directory of ``path`` does not exist, or writing failed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+      raise QliteError(
+          f"Cannot save QuantStats to {path!r}: directory {directory!r} does "
+          "not exist. Create it first.")
+    names = list(self.records)
+    index = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "records": [[n, list(self.records[n])] for n in names],
+        "meta": self.meta,
+    }
+    arrays = {_INDEX: np.frombuffer(json.dumps(index).encode("utf-8"), np.uint8)}
+    for i, n in enumerate(names):
+      for j, s in enumerate(self.records[n]):
+        arrays[f"r{i}.{j}"] = np.asarray(self.records[n][s])
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".qstats-", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except OSError as e:
+      raise QliteError(f"Cannot save QuantStats to {path!r}: {e}") from e
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "QuantStats":
+    """Returns the QuantStats saved at ``path`` by :meth:`save`.
+
+    Raises:
+      CalibrationError: the file is missing, unreadable, not an ``.npz``,
+        not a QuantStats file (or a newer version), incomplete, or holds
+        NaN/Inf statistics (the message names the path and the problem).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise CalibrationError(f"QuantStats file {path!r} does not exist.")
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      npz = np.load(io.BytesIO(data), allow_pickle=False)
+      if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError("it holds a single .npy array, not an .npz archive")
+      with npz:
+        arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:  # zipfile / numpy raise many types here.
+      raise CalibrationError(
+          f"Cannot read QuantStats file {path!r}: corrupted or not a .npz "
+          f"file ({type(e).__name__}: {e}).") from e
+    if _INDEX not in arrays:
+      raise CalibrationError(
+          f"{path!r} is a .npz file but not a qlite QuantStats file "
+          f"(no {_INDEX!r} entry).")
+    try:
+      index = json.loads(arrays.pop(_INDEX).tobytes().decode("utf-8"))
+      fmt, version = index["format"], index["version"]
+      entries, meta = index["records"], index["meta"]
+    except Exception as e:
+      raise CalibrationError(
+          f"QuantStats file {path!r} has a corrupted index ({e}).") from e
+    if fmt != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
+      raise CalibrationError(
+          f"{path!r} has format {fmt!r} version {version!r}; expected "
+          f"{FORMAT!r} version <= {FORMAT_VERSION}.")
+    records = {}
+    for i, (name, stat_names) in enumerate(entries):
+      record = {}
+      for j, s in enumerate(stat_names):
+        key = f"r{i}.{j}"
+        if key not in arrays:
+          raise CalibrationError(
+              f"QuantStats file {path!r} is incomplete: statistic {s!r} of "
+              f"{name!r} is missing.")
+        value = arrays[key]
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+          raise CalibrationError(
+              f"QuantStats file {path!r}: statistic {s!r} of {name!r} is "
+              "NaN/Inf; the calibration data contained NaN/Inf. Re-run "
+              "calibration on finite data.")
+        record[s] = value
+      records[name] = record
+    return cls(records, meta)

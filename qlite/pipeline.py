@@ -1,0 +1,224 @@
+"""The one-call pipeline: calibrate -> export_tflite, plus the float export."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from qlite.annotate.providers import (CalibrationProvider, ConversionProvider,
+                                      as_quant_stats)
+from qlite.convert import inspect as inspect_lib
+from qlite.convert import litert
+from qlite.core.stats import QuantStats
+from qlite.errors import (CalibrationError, QliteError, UnsupportedOpError)
+from qlite.graph import Graph
+from qlite.model import QuantizedModel
+from qlite.rules import QuantizationRule
+
+
+def _as_args(batch) -> tuple:
+  return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def plan_fingerprint(keys: Iterable[str]) -> str:
+  """A short hash of a model's boundary keys (identifies the model's graph)."""
+  return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def _check_args(graph: Graph, args, what: str):
+  flat = jax.tree.leaves(tuple(args))
+  for i, (x, var) in enumerate(zip(flat, graph.arg_vars)):
+    aval = graph.avals[var]
+    if tuple(np.shape(x)) != tuple(aval.shape):
+      raise QliteError(f"{what}: argument {i} has shape {tuple(np.shape(x))}, "
+                       f"expected {tuple(aval.shape)} (the example args' shape)")
+    arr = np.asarray(x) if not hasattr(x, "dtype") else x
+    if np.issubdtype(arr.dtype, np.floating) and not bool(
+        np.all(np.isfinite(np.asarray(arr)))):
+      raise CalibrationError(f"{what}: argument {i} contains NaN or Inf")
+
+
+def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
+              variables=None, method: str = "minmax", *,
+              progress: bool = True, max_batches: int | None = None
+              ) -> QuantStats:
+  """Runs ``model`` on ``batches`` and returns per-boundary activation
+  statistics (:class:`QuantStats`) for static-range quantization.
+
+  ``batches``: an iterable of arrays or tuples of positional arrays. Every
+  batch must have the shape of the first. ``method`` is how statistics become
+  ranges at export for rules that leave ``act_calibration_method=None``.
+
+  Raises:
+    CalibrationError: no batches, NaN / Inf in a batch, bad method.
+    QliteError: the model cannot be traced, batch shapes differ.
+  """
+  provider = CalibrationProvider(rules, method=method)
+  qm = QuantizedModel(model, provider, variables)
+  params = qm.mf.params
+  if params is None:
+    raise QliteError(f"{qm.mf.description} is a Linen module: pass "
+                     f"variables=...")
+  it = iter(batches)
+  total = None
+  if hasattr(batches, "__len__"):
+    total = len(batches)  # type: ignore[arg-type]
+  if max_batches is not None:
+    total = min(total, max_batches) if total is not None else max_batches
+  first_graph = None
+  bar = tqdm(total=total, desc="qlite calibrate", unit="batch",
+             disable=not progress, leave=False)
+  n = 0
+  for batch in it:
+    if max_batches is not None and n >= max_batches:
+      break
+    args = _as_args(batch)
+    graph, _ = qm.traced(args)
+    if first_graph is None:
+      first_graph = graph
+    else:
+      _check_args(first_graph, args, f"calibration batch {n}")
+    qm.apply(params, *args) if qm.mf.framework != "nnx" else qm(*args)
+    n += 1
+    bar.update(1)
+  bar.close()
+  if n == 0:
+    raise CalibrationError("calibrate: `batches` is empty; pass at least one "
+                           "batch of representative inputs")
+  provider.matcher.warn_unmatched()
+  stats = provider.stats
+  plan = qm.traced(_as_args(batch))[1]
+  stats.meta["fingerprint"] = plan_fingerprint(
+      b.key for b in plan.boundaries.values())
+  stats.meta["model"] = qm.mf.description
+  return stats
+
+
+def _export_function(model, rules, stats, example_args, variables):
+  stats = as_quant_stats(stats) if stats is not None else None
+  provider = ConversionProvider(rules, stats)
+  qm = QuantizedModel(model, provider, variables)
+  if qm.mf.params is None:
+    raise QliteError(f"{qm.mf.description} is a Linen module: pass "
+                     f"variables=...")
+  args = _as_args(example_args)
+  try:
+    graph, plan = qm.traced(args)
+  except CalibrationError as e:
+    raise _stats_mismatch(e, stats, qm) from None
+  fn = provider.function(graph, plan, jax.tree.leaves(qm.mf.params))
+  return qm, graph, plan, fn, args
+
+
+def _stats_mismatch(err, stats, qm):
+  if stats is None or "fingerprint" not in stats.meta:
+    return err
+  model = stats.meta.get("model", "?")
+  return CalibrationError(
+      f"{err}\n(the stats were calibrated on {model} with a different graph "
+      f"than {qm.mf.description}: stats from a different model or rules?)")
+
+
+def export_tflite(model, rules: Sequence[QuantizationRule], stats,
+                  example_args, variables=None, path=None,
+                  io_dtype: str = "float32", *, strict: bool = True) -> bytes:
+  """Exports a full-integer ``.tflite`` and returns its bytes.
+
+  ``example_args``: an array or tuple of arrays fixing the input shapes.
+  ``io_dtype``: ``"float32"`` (QUANTIZE / DEQUANTIZE at the interface) or
+  ``"int8"``. ``path``: written atomically when given.
+  ``strict``: raise when any compute op is left in float.
+
+  Raises:
+    CalibrationError: stats missing for a boundary (names it).
+    UnsupportedOpError: strict and an op stayed float (names op and module).
+    ConversionError: jax.export or the converter failed.
+    QliteError: bad io_dtype, unwritable path.
+  """
+  if io_dtype not in litert.IO_DTYPES:
+    raise QliteError(f"io_dtype must be one of {litert.IO_DTYPES}, got "
+                     f"{io_dtype!r}")
+  qm, graph, plan, fn, args = _export_function(model, rules, stats,
+                                               example_args, variables)
+  if io_dtype == "int8":
+    for i, var in enumerate(graph.arg_vars):
+      if not np.issubdtype(np.dtype(graph.avals[var].dtype), np.floating):
+        raise QliteError(f"io_dtype='int8' needs float model inputs; input "
+                         f"{i} is {graph.avals[var].dtype}; use "
+                         f"io_dtype='float32'")
+  avals = [jax.ShapeDtypeStruct(graph.avals[v].shape, graph.avals[v].dtype)
+           for v in graph.arg_vars]
+  blob = litert.convert_function(fn, avals, quantized=True,
+                                 num_outputs=len(graph.out_vars))
+  info = inspect_lib.inspect_tflite(blob)
+  if strict and not info.full_integer:
+    raise UnsupportedOpError(_float_island_message(info, graph))
+  if not info.full_integer:
+    warnings.warn("qlite: the model is not full-integer:\n" +
+                  _float_island_message(info, graph), UserWarning, stacklevel=2)
+  if io_dtype == "int8":
+    blob = litert.set_int8_io(blob)
+  qm.provider.matcher.warn_unmatched()
+  if path is not None:
+    litert.write_atomic(path, blob)
+  return blob
+
+
+def float_islands(info, graph: Graph | None = None) -> list[str]:
+  """Returns one line per float compute op: LiteRT op, its JAX module path
+  and (when a graph is given) the source line."""
+  by_path = {}
+  if graph is not None:
+    for node in graph.nodes:
+      by_path.setdefault((node.module_path, node.name), node.source)
+  lines = []
+  for op in info.float_ops:
+    names = [info.tensors[i].name for i in op.outputs]
+    path, prim = tensor_module_path(names[0]) if names else ("", "")
+    src = by_path.get((path, prim), "")
+    lines.append(f"{op.name} (jax op `{prim}` in module `{path or '<root>'}`"
+                 f"{', ' + src if src else ''})")
+  return lines
+
+
+def _float_island_message(info, graph) -> str:
+  lines = float_islands(info, graph)
+  return ("the converted model still computes in float: " + "; ".join(lines) +
+          ". Cover these ops with a rule (act_qtype='int8'), or export with "
+          "strict=False to accept the float islands.")
+
+
+def tensor_module_path(tensor_name: str) -> tuple[str, str]:
+  """Maps a LiteRT tensor name (JAX name stack, e.g.
+  ``jit(f)/Conv_0/conv_general_dilated``) to ``(module_path, op)``."""
+  name = tensor_name.split(";")[-1]
+  parts = [p for p in name.split("/") if p]
+  if parts and parts[0].startswith("jit("):
+    parts = parts[1:]
+  if not parts:
+    return "", ""
+  op = parts[-1].rstrip("0123456789")
+  return "/".join(parts[:-1]), op
+
+
+def export_float_tflite(model, example_args, variables=None,
+                        path=None) -> bytes:
+  """Exports the float model (no quantization) as ``.tflite`` bytes."""
+  from qlite.flax_hooks import model_function
+  mf = model_function(model, variables)
+  args = _as_args(example_args)
+  flat_args, tree = jax.tree.flatten(args)
+
+  def fn(*flat):
+    return jax.tree.leaves(mf.fn(mf.params, *jax.tree.unflatten(tree, flat)))
+  avals = [jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype")
+                                else np.asarray(a).dtype) for a in flat_args]
+  blob = litert.convert_function(fn, avals, quantized=False)
+  if path is not None:
+    litert.write_atomic(path, blob)
+  return blob

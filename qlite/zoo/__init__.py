@@ -1,0 +1,1 @@
+"""Built-in example models (used by ``qlite demo``, tests and benchmarks)."""
