@@ -98,7 +98,20 @@ def set_int8_io(blob: bytes) -> bytes:
           "(the inputs / outputs must be float tensors that are quantized / "
           "dequantized right at the interface)")
     with open(dst, "rb") as f:
-      return f.read()
+      return _fix_signatures(f.read())
+
+
+def _fix_signatures(blob: bytes) -> bytes:
+  """The interface modifier drops the float io tensors but leaves the
+  signature defs pointing at them: point them at the new io tensors."""
+  from ai_edge_litert.tools import flatbuffer_utils as fbu
+  model = fbu.read_model_from_bytearray(bytearray(blob))
+  sg = model.subgraphs[0]
+  for sig in model.signatureDefs or []:
+    for defs, ids in ((sig.inputs, sg.inputs), (sig.outputs, sg.outputs)):
+      for d, t in zip(defs or [], ids):
+        d.tensorIndex = int(t)
+  return bytes(fbu.convert_object_to_bytearray(model))
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> str:

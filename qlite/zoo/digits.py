@@ -83,8 +83,8 @@ def linen_to_nnx(variables, rngs_seed: int = 0) -> DigitsCNNNNX:
   m = DigitsCNNNNX(nnx.Rngs(rngs_seed))
   for dst, src in ((m.conv1, "Conv_0"), (m.conv2, "Conv_1"),
                    (m.fc1, "Dense_0"), (m.fc2, "Dense_1")):
-    dst.kernel.value = jnp.asarray(p[src]["kernel"])
-    dst.bias.value = jnp.asarray(p[src]["bias"])
+    dst.kernel[...] = jnp.asarray(p[src]["kernel"])
+    dst.bias[...] = jnp.asarray(p[src]["bias"])
   return m
 
 

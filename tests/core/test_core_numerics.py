@@ -12,7 +12,7 @@ from qlite.core import numerics
 from qlite.core.numerics import (ZERO_RANGE_SCALE, dequantize_values,
                                  fake_quant, quantize_values,
                                  scale_zero_point)
-from qlite.core.qtypes import get_qtype
+from qlite.core.qtypes import NF4_LEVELS, get_qtype
 from qlite.errors import QliteError, QTypeError
 
 
@@ -134,10 +134,8 @@ def test_fp8_round_trip_close_and_saturating():
 
 
 def test_nf4_picks_nearest_level():
-  levels = get_qtype("nf4")
-  from qlite.core.qtypes import NF4_LEVELS
   x = np.array([-1.2, -1.0, -0.6, 0.01, 0.5, 0.99, 3.0], np.float32)
-  q = quantize_values(x, np.float32(1.0), None, levels)
+  q = quantize_values(x, np.float32(1.0), None, "nf4")
   assert q.dtype == np.uint8
   expected = np.argmin(np.abs(np.clip(x, -1, 1)[:, None] - NF4_LEVELS[None]), 1)
   np.testing.assert_array_equal(q, expected)
