@@ -20,6 +20,7 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
+from qlite import composites
 from qlite.errors import QliteError
 from qlite.flax_hooks import ModelFunction
 
@@ -54,6 +55,9 @@ class Node:
 
   @property
   def name(self) -> str:
+    """The primitive's name; for a composite, the composite's name."""
+    if self.prim.name == "composite":
+      return str(self.params.get("name", "composite"))
     return self.prim.name
 
   def where(self) -> str:
@@ -92,7 +96,11 @@ class Graph:
 def _user_source(source_info) -> str:
   tb = source_info.traceback
   if tb is not None:
-    for frame in tb.frames:
+    try:
+      frames = list(source_info_util.user_frames(tb))
+    except Exception:  # private API: fall back to jax's summary
+      frames = []
+    for frame in frames:
       if not frame.file_name.startswith(_LIB_DIRS) and \
           "site-packages" not in frame.file_name:
         return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
@@ -123,7 +131,8 @@ def trace(mf: ModelFunction, args: Sequence[Any]) -> Graph:
   specs = [jax.ShapeDtypeStruct(np.shape(x), _dtype_of(x))
            for x in flat_params + flat_args]
   try:
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
+    with composites.traced_as_composites():
+      closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
   except QliteError:
     raise
   except Exception as e:  # the user's model raised while tracing

@@ -35,7 +35,23 @@ BIAS = frozenset({"add", "sub"})
 FIXED_RANGE = {
     "logistic": (0.0, 255.0 / 256.0),
     "tanh": (-1.0, 127.0 / 128.0),
+    "odml.softmax": (0.0, 255.0 / 256.0),
 }
+
+# A reduction followed by a division / multiplication by a constant is one
+# LiteRT op (MEAN, AVERAGE_POOL_2D): no boundary in between, constant left
+# to the converter.
+SUM_THEN_SCALE = frozenset({"reduce_sum", "reduce_window_sum"})
+SCALE_BY_CONST = frozenset({"div", "mul"})
+
+# Elementwise ops whose constant operands must be quantized per tensor (the
+# converter leaves ADD/MUL/... in float when a constant operand is float).
+COMPARE = frozenset({"ge", "gt", "le", "lt", "eq", "ne"})
+
+ELEMENTWISE_WITH_CONST = COMPARE | frozenset({
+    "add", "sub", "mul", "div", "max", "min", "pow", "select_n",
+    "atan2", "rem", "clamp",
+})
 
 
 def weight_channel_axis(node, operand: int, ndim: int) -> int | None:

@@ -43,11 +43,14 @@ class WeightSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ConstSpec:
-  """A constant operand of another op, quantized per tensor."""
+  """A constant operand of another op, quantized per tensor. ``reciprocal``:
+  the op is a division by this constant, rewritten as a multiplication by
+  its (quantized) reciprocal (LiteRT's int8 DIV is unreliable)."""
   node: int
   operand: int
   rule: QuantizationRule
   key: str
+  reciprocal: bool = False
 
 
 @dataclasses.dataclass
@@ -116,9 +119,28 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
   out_boundary: dict[int, Node] = {}      # var -> the node it is keyed by
   quantized: set[int] = set()
   fused_nodes: set[int] = set()     # bias / activation folded into a chain
+  sum_scale: dict[int, Node] = {}   # div/mul node -> its reduce_sum producer
+
+  def is_const_operand(node: Node, i: int) -> bool:
+    a = node.inputs[i]
+    if isinstance(a, Lit):
+      return np.issubdtype(np.asarray(a.value).dtype, np.floating)
+    return (not is_act(a)) and graph.is_float(a)
 
   for node in graph.nodes:
     act_outs = [o for o in node.outputs if is_act(o)]
+    if not act_outs and node.name in op_table.COMPARE and any(
+        is_act(a) for a in node.inputs):
+      m = matcher.match(node.module_path, node.name)
+      if m is not None and m[1].act_qtype is not None:
+        rules[node.index] = m
+        quantized.add(node.index)
+        for i in range(len(node.inputs)):
+          if is_const_operand(node, i):
+            consts[(node.index, i)] = ConstSpec(
+                node.index, i, m[1],
+                const_keys.make(node.module_path, node.name) + f":const{i}")
+      continue
     if not act_outs:
       continue
     m = matcher.match(node.module_path, node.name)
@@ -145,6 +167,18 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
       continue
     if name in op_table.PASS_THROUGH:
       continue
+    if name in op_table.SUM_THEN_SCALE and len(node.outputs) == 1:
+      cons = graph.consumers.get(node.outputs[0], [])
+      if len(cons) == 1 and cons[0].name in op_table.SCALE_BY_CONST and \
+          node.outputs[0] not in graph.out_vars and \
+          any(is_const_operand(cons[0], i) for i in range(2)):
+        sum_scale[cons[0].index] = node
+        continue      # the boundary goes after the scaling
+    if node.index in sum_scale:
+      fused_nodes.add(node.index)
+      for o in act_outs:
+        out_boundary[o] = node
+      continue
     src = node.inputs[act_ins[0]] if len(act_ins) == 1 else None
     if src is not None and src in anchor and len(graph.consumers[src]) == 1 \
         and src not in graph.out_vars:
@@ -165,13 +199,17 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         anchor[node.outputs[0]] = chain
         out_boundary[node.outputs[0]] = chain
         continue
-    # A plain compute op: constants it reads are quantized per tensor.
-    for i in static_float_ins:
-      if node.inputs[i] in known and np.size(known[node.inputs[i]]) == 1:
-        continue   # scalar constants: the converter quantizes them itself
-      consts[(node.index, i)] = ConstSpec(
-          node.index, i, rule,
-          const_keys.make(node.module_path, name) + f":const{i}")
+    # A plain compute op: constants it reads are quantized per tensor
+    # (relu's 0 and relu6's 6 excepted: the converter matches those).
+    if name in op_table.ELEMENTWISE_WITH_CONST and not op_table.relu_kind(
+        node, lambda i: static_value(node, i)):
+      for i in range(len(node.inputs)):
+        if not is_const_operand(node, i):
+          continue
+        consts[(node.index, i)] = ConstSpec(
+            node.index, i, rule,
+            const_keys.make(node.module_path, name) + f":const{i}",
+            reciprocal=(name == "div" and i == 1))
     for o in act_outs:
       out_boundary[o] = node
 

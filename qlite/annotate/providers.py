@@ -167,11 +167,15 @@ class ConversionProvider(_PlannedProvider):
       weight_q[(ni, op)] = (s, z, spec)
     const_q = {}
     for (ni, op), spec in plan.consts.items():
-      c = folded[graph.nodes[ni].inputs[op]]
+      a = graph.nodes[ni].inputs[op]
+      c = np.asarray(a.value if isinstance(a, graph_lib.Lit) else folded[a],
+                     np.float32)
+      if spec.reciprocal:
+        c = np.float32(1.0) / c
       s, z = numerics.scale_zero_point(
           np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
           symmetric=False, narrow_range=False)
-      const_q[(ni, op)] = (np.reshape(s, -1), np.reshape(z, -1), spec)
+      const_q[(ni, op)] = (c, np.reshape(s, -1), np.reshape(z, -1), spec)
 
     def on_value(var, val):
       b = plan.boundaries.get(var)
@@ -182,6 +186,7 @@ class ConversionProvider(_PlannedProvider):
 
     def on_node(node, invals):
       hit = False
+      prim_override = None
       for i in range(len(invals)):
         if (node.index, i) in weight_q:
           s, z, spec = weight_q[(node.index, i)]
@@ -191,9 +196,14 @@ class ConversionProvider(_PlannedProvider):
               axis=spec.channel_axis)
           hit = True
         elif (node.index, i) in const_q:
-          s, z, spec = const_q[(node.index, i)]
-          invals[i] = fq.fake_quant(invals[i], s, z, spec.rule.act_qtype)
+          c, s, z, spec = const_q[(node.index, i)]
+          invals[i] = fq.fake_quant(jax.numpy.asarray(c), s, z,
+                                    spec.rule.act_qtype)
+          if spec.reciprocal:
+            prim_override = jax.lax.mul_p
           hit = True
+      if prim_override is not None:
+        return [prim_override.bind(*invals)]
       return graph_lib.bind(node, invals) if hit else None
 
     def f(*flat_args):
