@@ -11,6 +11,9 @@ from qlite.convert.inspect import inspect_tflite, TFLiteInfo
 from qlite.convert.runtime import TFLiteRunner
 from qlite.pipeline import (calibrate, export_tflite, export_float_tflite)
 from qlite import annotate
+from qlite.compare import compare, Report
+from qlite.sensitivity import find_sensitive_layers, rules_keeping_float
+from qlite import metrics
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,6 @@ __all__ = [
     "QuantizationRule", "QuantStats", "quantize_model", "QuantizedModel",
     "Provider", "inspect_tflite", "TFLiteInfo", "TFLiteRunner", "calibrate",
     "export_tflite", "export_float_tflite", "annotate",
+    "compare", "Report", "find_sensitive_layers", "rules_keeping_float",
+    "metrics",
 ]

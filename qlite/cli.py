@@ -1,4 +1,4 @@
-"""The ``qlite`` command: demo | export | inspect."""
+"""The ``qlite`` command: demo | export | inspect | compare."""
 
 from __future__ import annotations
 
@@ -42,16 +42,33 @@ def _cmd_demo(args):
   demo.main(args.out_dir, steps=args.steps)
 
 
-def _cmd_export(args):
+def calibrated_entry(entry: str, calib_batches: int, stats_path=None):
+  """Loads ENTRY and calibrates int8-everywhere rules on its first
+  ``calib_batches`` batches (or loads ``stats_path``); returns
+  ``(model, variables, batches, rules, stats)``.
+
+  Raises:
+    QliteError: bad entry, no batches, calibration failure, bad stats file.
+  """
   import qlite
-  model, variables, batches = load_entry(args.entry)
+  model, variables, batches = load_entry(entry)
   batches = list(batches)
   if not batches:
-    raise QliteError(f"{args.entry} returned no calibration batches")
+    raise QliteError(f"{entry} returned no calibration batches")
   rules = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
                                   act_qtype="int8")]
-  stats = qlite.calibrate(model, rules, batches[:args.calib_batches],
-                          variables=variables)
+  if stats_path is not None:
+    stats = qlite.QuantStats.load(stats_path)
+  else:
+    stats = qlite.calibrate(model, rules, batches[:calib_batches],
+                            variables=variables)
+  return model, variables, batches, rules, stats
+
+
+def _cmd_export(args):
+  import qlite
+  model, variables, batches, rules, stats = calibrated_entry(
+      args.entry, args.calib_batches)
   first = batches[0]
   example = tuple(x[:1] for x in first) if isinstance(first, (tuple, list)) \
       else first[:1]
@@ -60,6 +77,23 @@ def _cmd_export(args):
                              strict=not args.allow_float)
   print(qlite.inspect_tflite(blob).summary())
   print(f"wrote {args.out}")
+
+
+def _cmd_compare(args):
+  import qlite
+  model, variables, batches, rules, stats = calibrated_entry(
+      args.entry, args.calib_batches, args.stats)
+  if args.batches is not None:
+    batches = batches[:args.batches]
+  report = qlite.compare(model, rules, stats, args.model, batches,
+                         variables=variables, progress=not args.no_progress)
+  print(report.table(metric=args.metric) if args.worst is None else
+        report.table(worst=args.worst, metric=args.metric))
+  for path, write in ((args.json, report.to_json), (args.csv, report.to_csv),
+                      (args.model_explorer, report.to_model_explorer)):
+    if path is not None:
+      write(path)
+      print(f"wrote {path}")
 
 
 def _cmd_inspect(args):
@@ -91,6 +125,29 @@ def main(argv=None) -> int:
   e.add_argument("--allow-float", action="store_true",
                  help="accept float islands instead of failing")
   e.set_defaults(func=_cmd_export)
+  c = sub.add_parser("compare", help="float JAX vs fake-quant JAX vs LiteRT, "
+                     "end to end and per layer")
+  c.add_argument("entry", help="package.module:function returning "
+                 "(model, variables, batches)")
+  c.add_argument("model", help="the .tflite exported from ENTRY")
+  c.add_argument("--json", help="write the report as JSON here")
+  c.add_argument("--csv", help="write the per-layer table as CSV here")
+  c.add_argument("--model-explorer", help="write Model Explorer node data "
+                 "(per-layer SQNR) here")
+  c.add_argument("--calib-batches", type=int, default=32,
+                 help="batches to calibrate on (as `qlite export`)")
+  c.add_argument("--stats", help="load QuantStats (.npz) instead of "
+                 "calibrating")
+  c.add_argument("--batches", type=int, default=None,
+                 help="compare on the first N batches only (default: all)")
+  c.add_argument("--metric", default="litert_vs_float",
+                 choices=["fakequant_vs_float", "litert_vs_float",
+                          "litert_vs_fakequant", "own_vs_float"],
+                 help="SQNR that marks the worst layers")
+  c.add_argument("--worst", type=int, default=None,
+                 help="how many worst layers to mark")
+  c.add_argument("--no-progress", action="store_true")
+  c.set_defaults(func=_cmd_compare)
   i = sub.add_parser("inspect", help="ops, dtypes, quantization of a .tflite")
   i.add_argument("model")
   i.add_argument("--tensors", action="store_true", help="list every tensor")

@@ -15,9 +15,45 @@ import contextlib
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as _linen
+from jax._src.interpreters import batching as _batching
 
 _ORIGINALS = {"softmax": jax.nn.softmax, "gelu": jax.nn.gelu,
-              "leaky_relu": jax.nn.leaky_relu}
+              "leaky_relu": jax.nn.leaky_relu,
+              "avg_pool": _linen.avg_pool, "max_pool": _linen.max_pool,
+              "resize": jax.image.resize}
+
+
+def _batched(x) -> bool:
+  return isinstance(x, _batching.BatchTracer)
+
+
+def _softmax_last(v):
+  return _ORIGINALS["softmax"](v, axis=-1)
+
+
+# Composites qlite emits, rebuilt from their attributes (for vmap).
+_REBUILD = {
+    "odml.softmax": lambda attrs: (_softmax_last, {}),
+    "aten.gelu.default": lambda attrs: (
+        lambda v, **_: _ORIGINALS["gelu"](
+            v, approximate=attrs.get("approximate") == "tanh"),
+        {"approximate": attrs.get("approximate", "tanh")}),
+}
+
+
+def _composite_batching_rule(args, dims, *, name, attributes, jaxpr, version,
+                             **_):
+  """vmap of qlite's rank-polymorphic composites (softmax over the last axis,
+  gelu): move the batch axis to the front and emit the composite again."""
+  if name not in _REBUILD or len(args) != 1:
+    raise NotImplementedError(f"qlite: no batching rule for composite {name}")
+  (x,), (d,) = args, dims
+  x = jnp.moveaxis(x, d, 0) if d is not None else x
+  fn, attrs = _REBUILD[name](dict(attributes))
+  return [jax.lax.composite(fn, name=name)(x, **attrs)], [0]
 
 
 def _softmax(x, axis=-1, where=None, **kwargs):
@@ -26,8 +62,7 @@ def _softmax(x, axis=-1, where=None, **kwargs):
       isinstance(axis, tuple) and len(axis) == 1 and axis[0] in (-1, ndim - 1))
   if where is not None or kwargs or not last or ndim == 0:
     return _ORIGINALS["softmax"](x, axis=axis, where=where, **kwargs)
-  return jax.lax.composite(lambda v: _ORIGINALS["softmax"](v, axis=-1),
-                           name="odml.softmax")(x)
+  return jax.lax.composite(_softmax_last, name="odml.softmax")(x)
 
 
 def _gelu(x, approximate: bool = True):
@@ -45,13 +80,61 @@ def _leaky_relu(x, negative_slope=1e-2):
   return _ORIGINALS["leaky_relu"](x, negative_slope)
 
 
-_REPLACEMENTS = {"softmax": _softmax, "gelu": _gelu, "leaky_relu": _leaky_relu}
+def _pool_1d_as_2d(name):
+  # LiteRT has no 1-D pooling: pool over (1, k) windows of x[:, None].
+  def pool(inputs, window_shape, strides=None, padding="VALID", **kw):
+    original = _ORIGINALS[name]
+    if len(window_shape) != 1 or getattr(inputs, "ndim", 0) != 3:
+      return original(inputs, window_shape, strides, padding, **kw)
+    strides = (1,) + tuple(strides) if strides is not None else None
+    if not isinstance(padding, str):
+      padding = ((0, 0),) + tuple(tuple(p) for p in padding)
+    y = original(inputs[:, None], (1,) + tuple(window_shape), strides,
+                 padding, **kw)
+    return y[:, 0]
+  return pool
+
+
+def _resize(image, shape, method, antialias=True, precision=None, **kw):
+  """2x bilinear upsampling of NHWC images as nearest 2x + edge pad + a
+  fixed depthwise [1,2,1]x[1,2,1]/16 kernel (identical numbers; LiteRT gets
+  RESIZE_NEAREST_NEIGHBOR + DEPTHWISE_CONV_2D instead of float matmuls)."""
+  original = _ORIGINALS["resize"]
+  args = dict(antialias=antialias, **kw)
+  if precision is not None:
+    args["precision"] = precision
+  name = getattr(method, "name", str(method)).lower()
+  shape = tuple(int(d) for d in shape)
+  ok = (name in ("bilinear", "linear") and getattr(image, "ndim", 0) == 4
+        and shape[0] == image.shape[0] and shape[3] == image.shape[3]
+        and shape[1] == 2 * image.shape[1] and shape[2] == 2 * image.shape[2]
+        and not _batched(image))
+  if not ok:
+    return original(image, shape, method, **args)
+  up = original(image, shape, "nearest")
+  up = jnp.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  c = image.shape[3]
+  k1 = np.array([1.0, 2.0, 1.0], np.float32) / 4.0
+  kernel = np.tile(np.outer(k1, k1)[:, :, None, None], (1, 1, 1, c))
+  return jax.lax.conv_general_dilated(
+      up, jnp.asarray(kernel, image.dtype), (1, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+_REPLACEMENTS = {"softmax": _softmax, "gelu": _gelu, "leaky_relu": _leaky_relu,
+                 "avg_pool": _pool_1d_as_2d("avg_pool"),
+                 "max_pool": _pool_1d_as_2d("max_pool"), "resize": _resize}
 
 
 @contextlib.contextmanager
 def traced_as_composites():
   """Within the block, softmax / gelu aliases in jax / flax modules trace as
   composites."""
+  from jax._src.lax import lax as lax_internal
+  composite_p = lax_internal.composite_p
+  table = _batching.fancy_primitive_batchers
+  saved_rule = table.get(composite_p)
+  _batching.primitive_batchers[composite_p] = _composite_batching_rule
   patched = []
   for mod_name, mod in list(sys.modules.items()):
     if mod is None or not (mod_name.startswith("jax.") or mod_name == "jax"
@@ -66,3 +149,7 @@ def traced_as_composites():
   finally:
     for mod, attr, original in patched:
       setattr(mod, attr, original)
+    if saved_rule is None:
+      table.pop(composite_p, None)
+    else:
+      table[composite_p] = saved_rule

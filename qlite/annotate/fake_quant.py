@@ -10,7 +10,7 @@ import numpy as np
 
 from qlite.core import numerics
 from qlite.core.qtypes import QType, get_qtype
-from qlite.errors import QTypeError
+from qlite.errors import ConversionError, QTypeError
 
 _MLIR_INT = {8: "i8", 16: "i16", 4: "i4"}
 
@@ -37,6 +37,10 @@ def fake_quant(x, scale, zero_point, qtype, *, narrow_range: bool = False,
   """
   qt = get_qtype(qtype)
   scale = np.asarray(scale, np.float32).reshape(-1)
+  if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+    raise ConversionError(
+        f"quantization scale {scale[:4]} is not finite and positive (a "
+        f"NaN / Inf range: the tensor or constant holds non-finite values)")
   zero_point = np.asarray(zero_point, np.int64).reshape(-1)
   ndim = np.ndim(x)
 

@@ -185,7 +185,10 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
       chain = anchor[src]
       fused = False
       if name in op_table.BIAS and static_float_ins and \
-          producer_kind(graph, src, anchor) in ("weighted",):
+          producer_kind(graph, src, anchor) in ("weighted",) and \
+          not _is_conv_1d(graph.producer[src]):
+        # (the converter reshapes a 1-D conv to 2-D between conv and bias:
+        # there the bias stays a separate int8 ADD)
         fused = True
       elif op_table.relu_kind(node, lambda i: static_value(node, i)):
         kind = op_table.relu_kind(node, lambda i: static_value(node, i))
@@ -193,6 +196,8 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         if kind in ("relu", "relu6") or (
             kind == "min6" and prev is not None and prev.name == "max"):
           fused = True
+      if fused and _is_conv_1d(chain):
+        fused = False
       if fused:
         fused_nodes.add(node.index)
         out_boundary.pop(src, None)
@@ -256,6 +261,12 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
                      prod.module_path, prod.source)
   ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
   return Plan(ordered, weights, consts, quantized)
+
+
+def _is_conv_1d(node: Node) -> bool:
+  if node.name != "conv_general_dilated":
+    return False
+  return len(node.params["dimension_numbers"].lhs_spec) == 3
 
 
 def producer_kind(graph: Graph, var: int, anchor: dict) -> str:

@@ -172,6 +172,8 @@ class ConversionProvider(_PlannedProvider):
                      np.float32)
       if spec.reciprocal:
         c = np.float32(1.0) / c
+      if not np.all(np.isfinite(c)):
+        continue      # e.g. a -inf mask value: left float, strict export names it
       s, z = numerics.scale_zero_point(
           np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
           symmetric=False, narrow_range=False)
