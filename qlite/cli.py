@@ -109,6 +109,13 @@ def _cmd_inspect(args):
       print(f"  {t.index:4d} {t.dtype:8s} {str(t.shape):18s} {t.name}{q}")
 
 
+def _cmd_zoo(args):
+  from qlite.zoo import report
+  rows = report.main(args.names or None)
+  if not all(r.full_integer for r in rows):
+    raise QliteError("some zoo models are not full-integer (see table)")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="qlite", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -152,6 +159,10 @@ def main(argv=None) -> int:
   i.add_argument("model")
   i.add_argument("--tensors", action="store_true", help="list every tensor")
   i.set_defaults(func=_cmd_inspect)
+  z = sub.add_parser("zoo", help="convert every zoo model; full-integer + "
+                     "SQNR table")
+  z.add_argument("names", nargs="*", help="zoo names (default: all)")
+  z.set_defaults(func=_cmd_zoo)
   args = p.parse_args(argv)
   try:
     args.func(args)
