@@ -5,7 +5,6 @@ mean over tokens, dense head. Linen and NNX versions of one architecture."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx

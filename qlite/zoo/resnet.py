@@ -4,7 +4,6 @@ dense head. Linen and NNX versions of one architecture."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
