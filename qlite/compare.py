@@ -14,6 +14,7 @@ precise fingerprint) and, where the converter kept it, the same JAX name stack
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -168,6 +169,8 @@ class LayerRow:
   metrics: dict[str, PairMetrics]  # keys of LAYER_METRICS (LiteRT ones absent
                                    # when unmatched)
   max_lsb: float | None           # max |LiteRT - fake-quant| / scale
+  explorer_key: str | None = None  # Model Explorer node key: the tensor name
+                                   # when unique, else the producing op index
 
   @property
   def layer(self) -> str:
@@ -192,7 +195,7 @@ class LayerRow:
 
   @classmethod
   def from_dict(cls, d: dict) -> "LayerRow":
-    kw = {f.name: d[f.name] for f in dataclasses.fields(cls)}
+    kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
     kw["shape"] = tuple(kw["shape"])
     kw["scale"] = _num(kw["scale"])
     kw["max_lsb"] = _num(kw["max_lsb"])
@@ -397,7 +400,8 @@ class Report:
     "thresholds"}``) with each matched layer's SQNR (dB) for ``metric``.
 
     Keys are the LiteRT output tensor names (Model Explorer matches them to
-    the node producing that tensor). Infinite SQNR is written as 200 dB.
+    the node producing that tensor), or the producing op's index (its node
+    id) where a name is not unique. Infinite SQNR is written as 200 dB.
     Thresholds colour < 20 dB red, < 30 orange, < 40 yellow, else green.
 
     Raises:
@@ -412,7 +416,7 @@ class Report:
       v = 200.0 if v == math.inf else (-200.0 if v == -math.inf else v)
       if math.isnan(v):
         continue
-      results[r.tensor_name] = {"value": round(float(v), 3)}
+      results[r.explorer_key or r.tensor_name] = {"value": round(float(v), 3)}
     return {"name": name or f"qlite SQNR dB ({metric})",
             "results": results,
             "thresholds": [{"value": 20, "bgColor": "#ef5350"},
@@ -712,7 +716,15 @@ def _prepare(qm, provider, chunk, flat_params, info, stats) -> dict:
           if src.scale is not None and src.scale.size == 1:
             scale = float(src.scale[0])
     outs.append({"index": i, "shape": tuple(t.shape), "scale": scale})
+  names = collections.Counter(t.name for t in info.tensors)
+  producer = {o: op.index for op in info.ops for o in op.outputs}
+  explorer_keys = {}
+  for var, (t, _) in matched.items():
+    if t is not None:
+      explorer_keys[var] = t.name if names[t.name] == 1 or \
+          t.index not in producer else str(producer[t.index])
   return {"graph": graph, "plan": plan, "boundaries": bvars,
+          "explorer_keys": explorer_keys,
           "fq_fn": fq_fn, "float_fn": float_fn, "flat_params": flat_params,
           "scales": scales, "matched": matched, "n_out": n_out,
           "outs": outs}
@@ -722,7 +734,10 @@ def _dequantize(q: np.ndarray, t) -> np.ndarray:
   q = np.asarray(q)
   if t.scale is None or not np.issubdtype(q.dtype, np.integer):
     return q.astype(np.float64)
-  return (q.astype(np.float64) - float(t.zero_point[0])) * float(t.scale[0])
+  # float32, as the fake-quant decomposition computes it: equal codes give
+  # bit-identical values.
+  return (q.astype(np.float32) - np.float32(t.zero_point[0])) * \
+      np.float32(t.scale[0])
 
 
 def _run_chunk(state, chunk, runner, out_vals, accs, lsb, kept):
@@ -784,7 +799,8 @@ def _build_report(state, qm, tflite_name, num_samples, num_batches, out_vals,
         b.key, b.module_path, b.op,
         tuple(int(d) for d in graph.avals[var].shape), float(s[0]),
         int(z[0]), None if t is None else t.index,
-        None if t is None else t.name, how, metrics, lsb.get(var)))
+        None if t is None else t.name, how, metrics, lsb.get(var),
+        state["explorer_keys"].get(var)))
     if values is not None:
       values[b.key] = {side: np.concatenate([np.reshape(x, (1,) + x.shape)
                                              if x.ndim == 0 else x

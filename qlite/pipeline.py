@@ -30,17 +30,40 @@ def plan_fingerprint(keys: Iterable[str]) -> str:
   return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def _check_args(graph: Graph, args, what: str):
-  flat = jax.tree.leaves(tuple(args))
-  for i, (x, var) in enumerate(zip(flat, graph.arg_vars)):
-    aval = graph.avals[var]
-    if tuple(np.shape(x)) != tuple(aval.shape):
-      raise QliteError(f"{what}: argument {i} has shape {tuple(np.shape(x))}, "
-                       f"expected {tuple(aval.shape)} (the example args' shape)")
-    arr = np.asarray(x) if not hasattr(x, "dtype") else x
-    if np.issubdtype(arr.dtype, np.floating) and not bool(
-        np.all(np.isfinite(np.asarray(arr)))):
-      raise CalibrationError(f"{what}: argument {i} contains NaN or Inf")
+def _shapes(args) -> list:
+  return [tuple(np.shape(x)) for x in jax.tree.leaves(tuple(args))]
+
+
+def _check_batch(first_shapes, args, n: int):
+  """Raises a named error when batch ``n`` differs in shape from the first
+  batch or holds NaN / Inf."""
+  shapes = _shapes(args)
+  if len(shapes) != len(first_shapes):
+    raise CalibrationError(f"calibration batch {n} has {len(shapes)} arrays, "
+                           f"the first batch had {len(first_shapes)}")
+  for i, (s, f) in enumerate(zip(shapes, first_shapes)):
+    if s != f:
+      raise CalibrationError(
+          f"calibration batch {n}: argument {i} has shape {s}, the first "
+          f"batch had {f}; every batch must have the same shapes")
+  for i, x in enumerate(jax.tree.leaves(tuple(args))):
+    arr = np.asarray(x)
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+      raise CalibrationError(f"calibration batch {n}: argument {i} contains "
+                             f"NaN or Inf; clean the calibration data")
+
+
+def check_static_shapes(args, what: str):
+  """Raises QliteError when an example arg has a dynamic / unknown dim."""
+  for i, x in enumerate(jax.tree.leaves(tuple(args))):
+    shape = getattr(x, "shape", None)
+    if shape is None:
+      shape = np.shape(x)
+    if any(not isinstance(d, (int, np.integer)) for d in shape):
+      raise QliteError(
+          f"{what}: argument {i} has a dynamic shape {tuple(shape)}; LiteRT "
+          f"models have static shapes: pass a concrete example (e.g. batch "
+          f"size 1)")
 
 
 def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
@@ -70,7 +93,7 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     total = len(batches)  # type: ignore[arg-type]
   if max_batches is not None:
     total = min(total, max_batches) if total is not None else max_batches
-  first_graph = None
+  first_shapes = None
   bar = tqdm(total=total, desc="qlite calibrate", unit="batch",
              disable=not progress, leave=False)
   n = 0
@@ -78,11 +101,10 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     if max_batches is not None and n >= max_batches:
       break
     args = _as_args(batch)
-    graph, _ = qm.traced(args)
-    if first_graph is None:
-      first_graph = graph
-    else:
-      _check_args(first_graph, args, f"calibration batch {n}")
+    if first_shapes is None:
+      check_static_shapes(args, "calibration batch 0")
+      first_shapes = _shapes(args)
+    _check_batch(first_shapes, args, n)
     qm.apply(params, *args) if qm.mf.framework != "nnx" else qm(*args)
     n += 1
     bar.update(1)
@@ -107,10 +129,22 @@ def _export_function(model, rules, stats, example_args, variables):
     raise QliteError(f"{qm.mf.description} is a Linen module: pass "
                      f"variables=...")
   args = _as_args(example_args)
+  check_static_shapes(args, "example_args")
+  if stats is not None and stats.meta.get("model") not in (
+      None, qm.mf.description):
+    raise CalibrationError(
+        f"the stats were calibrated on {stats.meta['model']}, but the model "
+        f"being exported is {qm.mf.description}: calibrate this model")
   try:
     graph, plan = qm.traced(args)
   except CalibrationError as e:
     raise _stats_mismatch(e, stats, qm) from None
+  if stats is not None and stats.meta.get("fingerprint") not in (
+      None, plan_fingerprint(b.key for b in plan.boundaries.values())):
+    warnings.warn(
+        f"qlite: the stats' boundaries differ from this model's under these "
+        f"rules (calibrated with other rules, or a changed model?)",
+        UserWarning, stacklevel=3)
   fn = provider.function(graph, plan, jax.tree.leaves(qm.mf.params))
   return qm, graph, plan, fn, args
 

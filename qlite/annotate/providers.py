@@ -150,8 +150,18 @@ class ConversionProvider(_PlannedProvider):
   def prepare(self, graph):
     plan = build_plan(graph, self.matcher)
     for b in plan.boundaries.values():
-      fq.mlir_dtype(_qtype(b.rule.act_qtype, b))
+      try:
+        fq.mlir_dtype(_qtype(b.rule.act_qtype, b))
+      except QTypeError as e:
+        raise QTypeError(
+            f"rules[{b.rule_index}] (module_path={b.rule.module_path!r}) "
+            f"act_qtype at `{b.key}` ({b.source}): {e}") from None
       boundary_scale(b, self.stats)     # fail early on missing stats
+    for spec in plan.weights.values():
+      try:
+        fq.mlir_dtype(_qtype(spec.rule.weight_qtype, spec))
+      except QTypeError as e:
+        raise QTypeError(f"weight_qtype at `{spec.key}`: {e}") from None
     return plan
 
   def function(self, graph: graph_lib.Graph, plan: Plan, flat_params):

@@ -45,10 +45,11 @@ class TFLiteRunner:
     feed = {}
     for name, d, x in zip(self.input_names, self.input_details, flat_inputs):
       x = np.asarray(x)
-      if tuple(x.shape) != tuple(d["shape"]):
-        raise QliteError(f".tflite input {name!r} has shape "
-                         f"{tuple(d['shape'])}, got an array of shape "
-                         f"{tuple(x.shape)}")
+      want = tuple(int(n) for n in d["shape"])
+      if tuple(x.shape) != want:
+        raise QliteError(f".tflite input {name!r} has shape {want}, got an "
+                         f"array of shape {tuple(x.shape)} (a .tflite from "
+                         f"another model, or another batch size?)")
       feed[name] = _to_model_dtype(x, d)
     outs = self.runner(**feed)
     return [_from_model_dtype(outs[n], d)
