@@ -25,3 +25,10 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info digits_int8.tflite
+
+.PHONY: fuzz zoo
+fuzz: $(STAMP)
+	$(PY) tests/fuzz_models.py 200
+
+zoo: $(STAMP)
+	$(VENV)/bin/qlite zoo

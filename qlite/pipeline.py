@@ -15,7 +15,8 @@ from qlite.annotate.providers import (CalibrationProvider, ConversionProvider,
 from qlite.convert import inspect as inspect_lib
 from qlite.convert import litert
 from qlite.core.stats import QuantStats
-from qlite.errors import (CalibrationError, QliteError, UnsupportedOpError)
+from qlite.errors import (CalibrationError, ConversionError, QliteError,
+                          UnsupportedOpError)
 from qlite.graph import Graph
 from qlite.model import QuantizedModel
 from qlite.rules import QuantizationRule
@@ -197,10 +198,26 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
                   _float_island_message(info, graph), UserWarning, stacklevel=2)
   if io_dtype == "int8":
     blob = litert.set_int8_io(blob)
+  _verify_loads(blob)
   qm.provider.matcher.warn_unmatched()
   if path is not None:
     litert.write_atomic(path, blob)
   return blob
+
+
+def _verify_loads(blob: bytes) -> None:
+  """Raises ConversionError when LiteRT cannot load the model; warns when
+  only the XNNPACK delegate refuses it."""
+  from qlite.convert.runtime import TFLiteRunner
+  try:
+    runner = TFLiteRunner(blob)
+  except QliteError as e:
+    raise ConversionError(f"the converted model does not load in LiteRT: "
+                          f"{e}") from None
+  if runner.delegate_error:
+    warnings.warn(f"qlite: LiteRT's XNNPACK delegate cannot prepare this "
+                  f"model ({runner.delegate_error}); it runs with the builtin "
+                  f"int8 kernels", UserWarning, stacklevel=3)
 
 
 def float_islands(info, graph: Graph | None = None) -> list[str]:

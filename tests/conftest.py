@@ -1,5 +1,8 @@
 import os
+import sys
 import warnings
+
+sys.path.insert(0, os.path.dirname(__file__))   # tests/fuzz_models.py
 
 import numpy as np
 import pytest

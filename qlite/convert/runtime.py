@@ -19,12 +19,28 @@ class TFLiteRunner:
   def __init__(self, model: bytes, *, num_threads: int | None = None,
                preserve_all_tensors: bool = False):
     import warnings
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    self.delegate_error: str | None = None
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      self.interpreter = Interpreter(
-          model_content=bytes(model), num_threads=num_threads,
-          experimental_preserve_all_tensors=preserve_all_tensors)
+      try:
+        self.interpreter = Interpreter(
+            model_content=bytes(model), num_threads=num_threads,
+            experimental_preserve_all_tensors=preserve_all_tensors)
+        self.interpreter.allocate_tensors()
+      except (RuntimeError, ValueError) as e:
+        # XNNPACK refuses some degenerate shapes; LiteRT's builtin kernels
+        # still run the model (as a phone without the delegate would).
+        self.delegate_error = str(e)
+        try:
+          self.interpreter = Interpreter(
+              model_content=bytes(model), num_threads=num_threads,
+              experimental_preserve_all_tensors=preserve_all_tensors,
+              experimental_op_resolver_type=
+              OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+          self.interpreter.allocate_tensors()
+        except (RuntimeError, ValueError) as e2:
+          raise QliteError(f"LiteRT cannot load the model: {e2}") from None
     self.runner = self.interpreter.get_signature_runner()
     details = self.runner.get_input_details()
     self.input_names = sorted(details, key=_index_of_name)

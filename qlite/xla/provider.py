@@ -1,0 +1,305 @@
+"""``PtqProvider``: run a Flax model on XLA with real quantized weights.
+
+The provider evaluates the traced graph and replaces every ``dot_general`` /
+``conv_general_dilated`` whose weight operand is computed from params only
+(and that a rule quantizes) by a quantized op (:mod:`qlite.xla.matmul`):
+
+* ``rule.act_qtype is None``: weight-only;
+* ``act_static_scale=False``: dynamic-range (DRQ), activations quantized per
+  row on the fly;
+* ``act_static_scale=True``: static-range (SRQ), per-tensor activation
+  scales from the same :class:`qlite.QuantStats` (the same plan, the same
+  keys) the ODML export uses.
+
+Params may be float (the provider quantizes them once and caches them) or
+pre-quantized by :func:`qlite.xla.quantize_params` (run them with
+:class:`PtqModel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlite import graph as graph_lib
+from qlite.annotate.plan import Plan, build_plan
+from qlite.annotate import plan as plan_lib
+from qlite.annotate.providers import as_quant_stats, boundary_scale
+from qlite.core import qtypes as qt_lib
+from qlite.core.qarray import QArray, quantize
+from qlite.core.stats import QuantStats
+from qlite.errors import QliteError
+from qlite.model import Provider, QuantizedModel
+from qlite.rules import QuantizationRule, RuleMatcher
+from qlite.xla import matmul
+
+__all__ = ["PtqProvider", "PtqModel", "QuantizedOp", "quantize_model",
+           "scale_source"]
+
+# Ops between a param and a weight operand that keep it the same array.
+_IDENTITY_OPS = frozenset({"convert_element_type", "copy", "copy_p"})
+
+
+def scale_source(graph: graph_lib.Graph, var: int) -> int:
+  """Returns the var whose quantization scale ``var`` shares: follows
+  pass-through producers (reshape, transpose, ...) back, as the ODML plan
+  does. Public alias of the plan's walk."""
+  return plan_lib._scale_source(graph, var)  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedOp:
+  """One dot / conv the provider quantizes.
+
+  Attributes:
+    node: node index in the graph.
+    weight_operand: operand index of the weight.
+    rule: the matching rule.
+    mode: ``"weight_only"``, ``"drq"`` or ``"srq"``.
+    channel_axes: weight axes with one scale per index.
+    tile_sizes: ``{axis: tile}`` (sub-channel) or ``{}``.
+    param_index: index of the flat param the weight is (up to casts), or
+      None when the weight is computed from params (quantized per call).
+    act_scale: SRQ: ``(scale, zero_point, act_qtype)``; else None.
+    stats_key: SRQ: the QuantStats key the scale came from.
+  """
+  node: int
+  weight_operand: int
+  rule: QuantizationRule
+  mode: str
+  channel_axes: tuple
+  tile_sizes: dict
+  param_index: int | None
+  act_scale: tuple | None = None
+  stats_key: str | None = None
+
+  def quantize_weight(self, w) -> QArray:
+    """Returns weight ``w`` quantized as this op expects."""
+    r = self.rule
+    return quantize(w, r.weight_qtype, channel_axes=self.channel_axes,
+                    tile_sizes=self.tile_sizes or None,
+                    method=r.weight_calibration_method,
+                    narrow_range=qt_lib.get_qtype(r.weight_qtype).is_int)
+
+
+@dataclasses.dataclass
+class PtqState:
+  """Per-graph state: the plan and the ops to quantize (by node index)."""
+  plan: Plan
+  ops: dict[int, QuantizedOp]
+
+  def param_ops(self) -> dict[int, QuantizedOp]:
+    """``{flat param index: op}`` for weights that are params (first wins)."""
+    out: dict[int, QuantizedOp] = {}
+    for op in self.ops.values():
+      if op.param_index is not None and op.param_index not in out:
+        out[op.param_index] = op
+    return out
+
+
+def _param_of(graph: graph_lib.Graph, var) -> int | None:
+  """Flat index of the param that ``var`` is (through dtype casts)."""
+  shape = tuple(graph.avals[var].shape)
+  while True:
+    if var in graph.param_vars:
+      return graph.param_vars.index(var)
+    node = graph.producer.get(var)
+    if node is None or node.name not in _IDENTITY_OPS or \
+        len(node.inputs) != 1 or isinstance(node.inputs[0], graph_lib.Lit):
+      return None
+    var = node.inputs[0]
+    if tuple(graph.avals[var].shape) != shape:
+      return None
+
+
+class PtqProvider(Provider):
+  """XLA post-training quantization provider.
+
+  Args:
+    rules: the :class:`qlite.QuantizationRule` list (first match wins).
+    stats: SRQ activation statistics (:func:`qlite.calibrate`); needed when
+      a rule has ``act_static_scale=True`` and ``act_qtype`` set.
+  Raises (at trace time):
+    CalibrationError: SRQ without statistics for a boundary (names the key).
+  """
+
+  def __init__(self, rules: Sequence[QuantizationRule],
+               stats: QuantStats | None = None):
+    self.matcher = RuleMatcher(rules)
+    self.stats = None if stats is None else as_quant_stats(stats)
+    self._fns: dict = {}
+    self._qcache: dict = {}
+    self._activation_scales = True   # False: weight layout only (no stats)
+
+  @property
+  def rules(self):
+    return self.matcher.rules
+
+  # -- planning -------------------------------------------------------------
+  def prepare(self, graph: graph_lib.Graph) -> PtqState:
+    plan = build_plan(graph, self.matcher)
+    ops: dict[int, QuantizedOp] = {}
+    for (ni, wi), spec in plan.weights.items():
+      node = graph.nodes[ni]
+      rule = spec.rule
+      acts = [i for i, a in enumerate(node.inputs)
+              if graph.is_activation(a)]
+      if len(acts) != 1 or wi not in (0, 1):
+        continue
+      wvar = node.inputs[wi]
+      wshape = tuple(graph.avals[wvar].shape)
+      tiles: dict = {}
+      if node.name == "dot_general":
+        lay = matmul.dot_layout(node.params["dimension_numbers"],
+                                len(graph.avals[node.inputs[acts[0]]].shape),
+                                len(wshape), wi)
+        axes = lay.channel_axes
+        if rule.weight_tile_size and len(lay.w_contract) == 1:
+          k = wshape[lay.w_contract[0]]
+          t = int(rule.weight_tile_size)
+          if k % t:
+            raise QliteError(
+                f"{node.where()}: weight_tile_size={t} does not divide the "
+                f"contraction length {k}; choose a divisor of {k} in rule "
+                f"module_path={rule.module_path!r}")
+          if t < k:
+            tiles = {lay.w_contract[0]: t}
+      else:
+        dn = node.params["dimension_numbers"]
+        axes = (int(dn.rhs_spec[0]),) if wi == 1 else ()
+      if rule.act_qtype is None:
+        mode = "weight_only"
+      elif rule.act_static_scale:
+        mode = "srq"
+      else:
+        mode = "drq"
+      act_scale = key = None
+      if mode == "srq":
+        src = scale_source(graph, node.inputs[acts[0]])
+        b = plan.boundaries.get(src)
+        if b is None:
+          mode = "drq"     # no boundary (e.g. a rule excluded it): on the fly
+        elif self._activation_scales:
+          s, z = boundary_scale(b, self.stats)
+          act_scale = (float(s[0]), int(z[0]), rule.act_qtype)
+          key = b.key
+      ops[ni] = QuantizedOp(ni, wi, rule, mode, tuple(axes), tiles,
+                            _param_of(graph, wvar), act_scale, key)
+    return PtqState(plan, ops)
+
+  # -- running --------------------------------------------------------------
+  def function(self, graph: graph_lib.Graph, state: PtqState):
+    """Returns ``f(flat_params, flat_args) -> flat outputs`` (jittable).
+
+    ``flat_params`` may hold :class:`QArray` leaves (pre-quantized weights)
+    in place of the float params of the quantized ops.
+    """
+    def f(flat_params, flat_args):
+      env_params = [p.dequantize(p.dtype) if isinstance(p, QArray) else p
+                    for p in flat_params]       # dead (removed) when unused
+
+      def on_node(node, invals):
+        op = state.ops.get(node.index)
+        if op is None:
+          return None
+        pw = None if op.param_index is None else flat_params[op.param_index]
+        qw = pw if isinstance(pw, QArray) else \
+            op.quantize_weight(invals[op.weight_operand])
+        x = invals[1 - op.weight_operand]
+        out_dtype = graph.avals[node.outputs[0]].dtype
+        if node.name == "dot_general":
+          y = matmul.quantized_dot(
+              x, qw, node.params["dimension_numbers"], op.weight_operand,
+              mode=op.mode, act_qtype=op.rule.act_qtype,
+              act_scale=op.act_scale, out_dtype=out_dtype)
+        else:
+          y = matmul.quantized_conv(
+              x, qw, node.params, mode=op.mode, act_qtype=op.rule.act_qtype,
+              act_scale=op.act_scale, out_dtype=out_dtype)
+        return [y]
+
+      return graph_lib.evaluate(graph, env_params, flat_args, on_node=on_node)
+    return f
+
+  def quantize_flat_params(self, state: PtqState, flat_params: list) -> list:
+    """Returns ``flat_params`` with each quantized weight param as a QArray."""
+    out = list(flat_params)
+    for i, op in state.param_ops().items():
+      if not isinstance(out[i], QArray):
+        out[i] = op.quantize_weight(out[i])
+    return out
+
+  def run(self, qmodel, graph, state, flat_params, flat_args):
+    key = id(graph)
+    if key not in self._fns:
+      self._fns[key] = (graph, jax.jit(self.function(graph, state)))
+    fn = self._fns[key][1]
+    if any(isinstance(p, jax.core.Tracer) for p in flat_params):
+      return self.function(graph, state)(
+          self.quantize_flat_params(state, flat_params), flat_args)
+    ids = (key,) + tuple(id(p) for p in flat_params)
+    if ids not in self._qcache:
+      self._qcache.clear()
+      self._qcache[ids] = (list(flat_params),
+                           self.quantize_flat_params(state, flat_params))
+    return fn(self._qcache[ids][1], list(flat_args))
+
+
+def _is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def _abstract(params):
+  """Float-shaped stand-ins (for tracing) of params that may hold QArrays."""
+  return jax.tree.map(
+      lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape)
+      if _is_qarray(x) else x, params, is_leaf=_is_qarray)
+
+
+class PtqModel(QuantizedModel):
+  """A :class:`qlite.QuantizedModel` that also takes pre-quantized params.
+
+  ``apply(params, *args)`` accepts float params or the output of
+  :func:`qlite.xla.quantize_params` (QArray leaves), for Linen variables and
+  NNX state alike; ``qmodel(*args)`` uses the model's own (float) variables.
+  """
+
+  def _run(self, params, args):
+    if not isinstance(self.provider, PtqProvider):
+      return super()._run(params, args)
+    g, state = self.traced(args, _abstract(params))
+    flat_params = jax.tree.leaves(params, is_leaf=_is_qarray)
+    if len(flat_params) != len(g.param_vars):
+      raise QliteError(f"{self.mf.description}: the params have "
+                       f"{len(flat_params)} arrays, the model traced with "
+                       f"{len(g.param_vars)}; pass the same (quantized) "
+                       f"params tree")
+    outs = self.provider.run(self, g, state, flat_params,
+                             jax.tree.leaves(tuple(args)))
+    return jax.tree.unflatten(g.out_tree, outs)
+
+  def apply(self, params, *args):
+    """Returns the outputs for ``args`` with ``params`` (float or quantized;
+    Linen variables or NNX state)."""
+    return self._run(params, args)
+
+
+def quantize_model(model, provider: PtqProvider, *example_args,
+                   variables=None) -> PtqModel:
+  """Returns ``model`` wrapped as a :class:`PtqModel` run by ``provider``.
+
+  ``example_args`` (optional) trace the model now, so errors show up here.
+  Raises:
+    QliteError: not a Flax model; Linen without variables; tracing failed.
+  """
+  qm = PtqModel(model, provider, variables)
+  if example_args:
+    if qm.mf.params is None:
+      raise QliteError(f"{qm.mf.description} is a Linen module: pass "
+                       f"variables=... to trace it on the example args")
+    qm.traced(example_args)
+  return qm
