@@ -162,6 +162,15 @@ def test_output_path_in_missing_directory(mlp, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_output_path_is_a_directory(mlp, tmp_path):
+  m, v, stats, _ = mlp
+  (tmp_path / "out").mkdir()
+  with pytest.raises(qlite.QliteError, match="cannot write"):
+    qlite.export_tflite(m, R, stats, X, variables=v, path=tmp_path / "out")
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]
+  assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_output_path_not_writable(mlp, tmp_path):
   m, v, stats, _ = mlp
