@@ -11,6 +11,9 @@ from qlite.convert.inspect import inspect_tflite, TFLiteInfo
 from qlite.convert.runtime import TFLiteRunner
 from qlite.pipeline import (calibrate, export_tflite, export_float_tflite)
 from qlite import annotate
+from qlite import xla
+from qlite import kernels
+from qlite.qat import QatProvider, QatModel, stats_from_qat
 from qlite.compare import compare, Report
 from qlite.sensitivity import find_sensitive_layers, rules_keeping_float
 from qlite import metrics
@@ -22,7 +25,8 @@ __all__ = [
     "ConversionError", "UnsupportedOpError", "TFLiteFormatError",
     "QuantizationRule", "QuantStats", "quantize_model", "QuantizedModel",
     "Provider", "inspect_tflite", "TFLiteInfo", "TFLiteRunner", "calibrate",
-    "export_tflite", "export_float_tflite", "annotate",
+    "export_tflite", "export_float_tflite", "annotate", "QatProvider", "xla", "kernels",
+    "QatModel", "stats_from_qat",
     "compare", "Report", "find_sensitive_layers", "rules_keeping_float",
     "metrics",
 ]

@@ -97,6 +97,8 @@ def quantize_model(model, provider: Provider, *example_args,
   Raises:
     QliteError: the model is not a Flax module, or tracing it failed.
   """
+  if hasattr(provider, "wrap_model"):    # e.g. QatProvider: init / apply
+    return provider.wrap_model(model, variables)
   qm = QuantizedModel(model, provider, variables)
   if example_args:
     if qm.mf.params is None:

@@ -225,11 +225,14 @@ class ConversionProvider(_PlannedProvider):
     return f
 
   def run(self, qmodel, graph, plan, flat_params, flat_args):
-    key = ("fn", id(graph))
+    # Keyed by the identity of the param arrays (kept alive in the value).
+    key = (id(graph), tuple(id(p) for p in flat_params))
     cache = qmodel.__dict__.setdefault("_conversion_fns", {})
-    if key not in cache or cache[key][0] is not flat_params:
-      cache[key] = (flat_params, jax.jit(self.function(graph, plan,
-                                                       flat_params)))
+    if key not in cache:
+      if len(cache) >= 4:
+        cache.clear()
+      cache[key] = (list(flat_params),
+                    jax.jit(self.function(graph, plan, flat_params)))
     return cache[key][1](*flat_args)
 
 
@@ -250,6 +253,13 @@ def as_quant_stats(stats: Any) -> QuantStats:
   """
   if isinstance(stats, QuantStats):
     return stats
+  if isinstance(stats, dict) and "quant_stats" in stats:
+    stats = stats["quant_stats"]          # a QAT variables dict
+  if isinstance(stats, dict) and stats and all(
+      isinstance(v, dict) and set(v) == {"min", "max", "count"}
+      for v in stats.values()):
+    from qlite.qat import stats_from_qat  # a QAT quant_stats collection
+    return stats_from_qat(stats)
   if isinstance(stats, dict) and all(isinstance(v, dict)
                                      for v in stats.values()):
     return QuantStats({k: dict(v) for k, v in stats.items()}, {})

@@ -1,0 +1,237 @@
+"""Quantization-aware training: the model's forward pass fake-quantizes
+weights and activations exactly as the exported model will (same plan, same
+scales, same fused boundaries), gradients flow by a clipped straight-through
+estimator, and activation ranges are moving averages kept in a
+``quant_stats`` collection, ready for :func:`qlite.export_tflite`.
+
+    qat = qlite.quantize_model(model, qlite.QatProvider(rules))
+    variables = qat.init(key, x)                 # model vars + "quant_stats"
+    y, upd = qat.apply(variables, x, mutable=["quant_stats"])   # training
+    y = qat.apply(variables, x)                  # eval: frozen ranges
+    qlite.export_tflite(model, rules, variables["quant_stats"], x, variables=...)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlite import graph as graph_lib
+from qlite.annotate import op_table
+from qlite.annotate.plan import Plan, build_plan
+from qlite.core import numerics
+from qlite.core.qtypes import get_qtype
+from qlite.core.stats import QuantStats
+from qlite.errors import QliteError
+from qlite.flax_hooks import model_function
+from qlite.model import Provider
+from qlite.rules import QuantizationRule, RuleMatcher
+
+STATS = "quant_stats"
+
+
+def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False):
+  """Fake-quantizes ``x``; the gradient is 1 where ``x`` is inside the
+  representable range and 0 outside (clipped straight-through estimator)."""
+  qt = get_qtype(qtype)
+  scale = jax.lax.stop_gradient(scale)
+  zero_point = jax.lax.stop_gradient(zero_point)
+  qmin = qt.narrow_qmin(narrow_range)
+  lo = (qmin - zero_point.astype(jnp.float32)) * scale
+  hi = (qt.qmax - zero_point.astype(jnp.float32)) * scale
+  clipped = jnp.clip(x, lo, hi)
+  q = numerics.fake_quant(x, scale, zero_point, qt, narrow_range=narrow_range)
+  return clipped + jax.lax.stop_gradient(q - clipped)
+
+
+def _weight_scale(w, axis, qtype, method):
+  reduce = tuple(i for i in range(w.ndim) if i != axis) if axis is not None \
+      else tuple(range(w.ndim))
+  lo = jnp.min(w, axis=reduce, keepdims=True)
+  hi = jnp.max(w, axis=reduce, keepdims=True)
+  sym = method == "absmax"
+  s, z = numerics.scale_zero_point(jax.lax.stop_gradient(lo),
+                                   jax.lax.stop_gradient(hi), qtype,
+                                   symmetric=sym, narrow_range=sym)
+  return s, z
+
+
+class QatProvider(Provider):
+  """Fake-quant training provider (ODML numerics: per-channel symmetric
+  weights, per-tensor asymmetric activations, LiteRT's fixed ranges).
+
+  ``ema_decay``: moving-average decay of activation min / max.
+  """
+
+  def __init__(self, rules: Sequence[QuantizationRule], *,
+               ema_decay: float = 0.99):
+    self.matcher = RuleMatcher(rules)
+    self.ema_decay = float(ema_decay)
+
+  def prepare(self, graph):
+    return build_plan(graph, self.matcher)
+
+  def wrap_model(self, model, variables=None) -> "QatModel":
+    return QatModel(model, self, variables)
+
+  def forward(self, graph: graph_lib.Graph, plan: Plan, flat_params,
+              flat_args, stats: dict, update: bool):
+    """Returns ``(flat outputs, new stats)``; traceable and differentiable."""
+    new_stats = dict(stats)
+    decay = self.ema_decay
+
+    def on_value(var, val):
+      b = plan.boundaries.get(var)
+      if b is None:
+        return val
+      if b.fixed_range is not None:
+        lo, hi = (jnp.float32(v) for v in b.fixed_range)
+      else:
+        rec = stats[b.key]
+        lo, hi = rec["min"], rec["max"]
+        if update:
+          v = jax.lax.stop_gradient(val)
+          bmin, bmax = jnp.min(v), jnp.max(v)
+          first = rec["count"] == 0
+          lo = jnp.where(first, bmin, decay * lo + (1 - decay) * bmin)
+          hi = jnp.where(first, bmax, decay * hi + (1 - decay) * bmax)
+          new_stats[b.key] = {"min": lo, "max": hi, "count": rec["count"] + 1}
+      s, z = numerics.scale_zero_point(lo, hi, b.rule.act_qtype,
+                                       symmetric=False, narrow_range=False)
+      return fake_quant_ste(val, s, z, b.rule.act_qtype)
+
+    def on_node(node, invals):
+      hit = False
+      recip = False
+      for i in range(len(invals)):
+        spec = plan.weights.get((node.index, i))
+        if spec is not None:
+          w = invals[i]
+          s, z = _weight_scale(w, spec.channel_axis, spec.rule.weight_qtype,
+                               spec.rule.weight_calibration_method)
+          invals[i] = fake_quant_ste(
+              w, s, z, spec.rule.weight_qtype,
+              narrow_range=spec.rule.weight_calibration_method == "absmax")
+          hit = True
+          continue
+        cspec = plan.consts.get((node.index, i))
+        if cspec is not None:
+          a = node.inputs[i]
+          c = jnp.asarray(a.value if isinstance(a, graph_lib.Lit)
+                          else invals[i], jnp.float32)
+          if cspec.reciprocal:
+            c = 1.0 / c
+            recip = True
+          s, z = numerics.scale_zero_point(
+              jax.lax.stop_gradient(jnp.min(c)),
+              jax.lax.stop_gradient(jnp.max(c)), cspec.rule.act_qtype,
+              symmetric=False, narrow_range=False)
+          invals[i] = fake_quant_ste(c, s, z, cspec.rule.act_qtype)
+          hit = True
+      if recip:
+        return [jax.lax.mul_p.bind(*invals)]
+      return graph_lib.bind(node, invals) if hit else None
+
+    outs = graph_lib.evaluate(graph, flat_params, flat_args,
+                              on_value=on_value, on_node=on_node)
+    return outs, new_stats
+
+
+class QatModel:
+  """A model wrapped for QAT: Linen-style ``init`` / ``apply`` for both Linen
+  and NNX (for NNX, ``variables["params"]`` holds the module's state)."""
+
+  def __init__(self, model, provider: QatProvider, variables=None):
+    self.model = model
+    self.provider = provider
+    self.mf = model_function(model, variables, require_variables=False)
+    self._cache: dict = {}
+
+  def _split(self, variables):
+    if not isinstance(variables, dict) or STATS not in variables:
+      raise QliteError(f"QAT variables need a '{STATS}' collection (from "
+                       f"qat.init)")
+    stats = variables[STATS]
+    if self.mf.framework == "nnx":
+      return variables["params"], stats
+    return {k: v for k, v in variables.items() if k != STATS}, stats
+
+  def _traced(self, params, args):
+    flat_args = jax.tree.leaves(tuple(args))
+    key = tuple((tuple(np.shape(a)), str(jnp.asarray(a).dtype))
+                for a in flat_args)
+    if key not in self._cache:
+      mf = self.mf.__class__(self.mf.fn, params, self.mf.framework,
+                             self.mf.root_name, self.mf.description)
+      g = graph_lib.trace(mf, args)
+      self._cache[key] = (g, self.provider.prepare(g))
+    return self._cache[key]
+
+  def init(self, key, *args) -> dict:
+    """Returns the model's variables plus zeroed ``quant_stats`` (the first
+    training step initialises each range from its batch)."""
+    if self.mf.framework == "nnx":
+      params = self.mf.params
+      variables = {"params": params}
+    else:
+      variables = self.model.init(key, *args)
+      params = variables
+    g, plan = self._traced(params, args)
+    stats = {b.key: {"min": jnp.float32(0.0), "max": jnp.float32(0.0),
+                     "count": jnp.int32(0)}
+             for b in plan.boundaries.values() if b.fixed_range is None}
+    return {**variables, STATS: stats}
+
+  def apply(self, variables, *args, mutable=False):
+    """Runs the fake-quant forward. With ``mutable=["quant_stats"]`` returns
+    ``(outputs, {"quant_stats": updated})`` (moving-average update)."""
+    params, stats = self._split(variables)
+    update = bool(mutable) and (mutable is True or STATS in mutable)
+    g, plan = self._traced(params, args)
+    outs, new_stats = self.provider.forward(
+        g, plan, jax.tree.leaves(params), jax.tree.leaves(tuple(args)),
+        stats, update)
+    out = jax.tree.unflatten(g.out_tree, outs)
+    if update:
+      return out, {STATS: new_stats}
+    return out
+
+  def model_variables(self, variables):
+    """The wrapped model's own variables (without ``quant_stats``)."""
+    return self._split(variables)[0]
+
+
+def stats_from_qat(qat_stats: dict, meta: dict | None = None) -> QuantStats:
+  """Returns a :class:`QuantStats` whose ranges equal a QAT ``quant_stats``
+  collection's moving-average ranges (so export uses the trained scales)."""
+  records = {}
+  for key, rec in qat_stats.items():
+    lo = np.float64(np.asarray(rec["min"]))
+    hi = np.float64(np.asarray(rec["max"]))
+    if int(np.asarray(rec.get("count", 1))) == 0:
+      raise QliteError(f"quant_stats[{key!r}] was never updated: run "
+                       f"qat.apply(..., mutable=['quant_stats']) first")
+    records[key] = {"min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)),
+                    "sumsq": np.float64(0.0), "count": np.int64(1),
+                    "ema_min": lo, "ema_max": hi, "p_lo_sum": lo,
+                    "p_hi_sum": hi, "num_batches": np.int64(1)}
+  return QuantStats(records, {"method": "minmax", "source": "qat",
+                              **(meta or {})})
+
+
+def qat_stats_from(stats: QuantStats, qat_variables: dict) -> dict:
+  """Returns a ``quant_stats`` collection initialised from calibrated
+  ``stats`` (global min / max): QAT then starts from the PTQ ranges, and
+  ``qat.apply`` with it (no training) is the PTQ model."""
+  out = {}
+  for key, rec in qat_variables[STATS].items():
+    if key not in stats:
+      raise QliteError(f"calibration stats have no record for `{key}`")
+    r = stats[key]
+    out[key] = {"min": jnp.float32(np.asarray(r["min"])),
+                "max": jnp.float32(np.asarray(r["max"])),
+                "count": jnp.int32(1)}
+  return out
