@@ -29,6 +29,9 @@ PASS_THROUGH = frozenset({
 })
 
 BIAS = frozenset({"add", "sub"})
+# Per-channel affine ops after conv / dot_general that the converter folds
+# (bias add, BatchNorm's subtract-mean / multiply-scale / add-offset).
+AFFINE = frozenset({"add", "sub", "mul", "div"})
 
 # (lo, hi) so that asymmetric int8 gives LiteRT's required scale / zero point:
 # logistic: scale 1/256, zp -128; tanh: scale 1/128, zp 0.

@@ -119,6 +119,7 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
   out_boundary: dict[int, Node] = {}      # var -> the node it is keyed by
   quantized: set[int] = set()
   fused_nodes: set[int] = set()     # bias / activation folded into a chain
+  activated: set[int] = set()       # chain values already past a relu
   sum_scale: dict[int, Node] = {}   # div/mul node -> its reduce_sum producer
 
   def is_const_operand(node: Node, i: int) -> bool:
@@ -184,11 +185,15 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         and src not in graph.out_vars:
       chain = anchor[src]
       fused = False
-      if name in op_table.BIAS and static_float_ins and \
-          producer_kind(graph, src, anchor) in ("weighted",) and \
-          not _is_conv_1d(graph.producer[src]):
-        # (the converter reshapes a 1-D conv to 2-D between conv and bias:
-        # there the bias stays a separate int8 ADD)
+      direct = graph.producer.get(src) is chain
+      if name in op_table.AFFINE and static_float_ins and \
+          src not in activated and ((name in op_table.BIAS and direct) or (
+              chain.name == "conv_general_dilated" and _per_channel_const(
+                  graph, node, static_float_ins[0], node.inputs[act_ins[0]]))):
+        # bias, BatchNorm (sub mean, mul scale, add offset): the converter
+        # folds per-channel affine ops into the conv / fully_connected.
+        # (Not for a 1-D conv: the converter reshapes it to 2-D between
+        # the conv and what follows; checked below.)
         fused = True
       elif op_table.relu_kind(node, lambda i: static_value(node, i)):
         kind = op_table.relu_kind(node, lambda i: static_value(node, i))
@@ -201,6 +206,8 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
       if fused:
         fused_nodes.add(node.index)
         out_boundary.pop(src, None)
+        if name not in op_table.AFFINE:
+          activated.add(node.outputs[0])
         anchor[node.outputs[0]] = chain
         out_boundary[node.outputs[0]] = chain
         continue
@@ -263,19 +270,30 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
   return Plan(ordered, weights, consts, quantized)
 
 
+def _per_channel_const(graph: Graph, node: Node, const_pos: int,
+                       act) -> bool:
+  """True when the constant operand broadcasts along the last (channel)
+  axis only: a scalar or shape (..., 1, C)."""
+  a = node.inputs[const_pos]
+  if isinstance(a, Lit):
+    return np.size(a.value) == 1
+  cshape = tuple(graph.avals[a].shape)
+  ashape = tuple(graph.avals[act].shape)
+  if int(np.prod(cshape)) == 1:
+    return True
+  if not cshape or cshape[-1] != ashape[-1]:
+    return False
+  if node.name == "sub" and const_pos == 0:   # c - x flips the sign: no
+    return False
+  if node.name == "div" and const_pos == 0:
+    return False
+  return all(d == 1 for d in cshape[:-1])
+
+
 def _is_conv_1d(node: Node) -> bool:
   if node.name != "conv_general_dilated":
     return False
   return len(node.params["dimension_numbers"].lhs_spec) == 3
-
-
-def producer_kind(graph: Graph, var: int, anchor: dict) -> str:
-  node = graph.producer.get(var)
-  if node is None:
-    return "input"
-  if node.name in op_table.WEIGHTED:
-    return "weighted"
-  return "other"
 
 
 def _scale_source(graph: Graph, var: int) -> int:
