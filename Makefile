@@ -26,7 +26,22 @@ test-slow: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info digits_int8.tflite
 
-.PHONY: fuzz zoo
+.PHONY: fuzz zoo bench bench-quick bench-xla
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/odml.py
+	$(PY) bench/xla_ptq.py
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) bench/odml.py --quick
+
+bench-xla: $(STAMP)
+	$(PY) bench/xla_ptq.py
+
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_models.py 200
 
