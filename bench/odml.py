@@ -402,6 +402,10 @@ def main(argv=None) -> int:
   with open(args.out, "w") as f:
     f.write(report)
   print(f"\nwrote {os.path.relpath(args.out)}")
+  if not args.quick:
+    import _results
+    section = report.replace("# ODML benchmark", "## ODML benchmark", 1)
+    print(f"wrote {os.path.relpath(_results.write_section('odml', section))}")
   return 0
 
 

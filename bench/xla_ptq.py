@@ -124,6 +124,9 @@ def bench_model(name, model, x_shape, batches, reps):
       g, state = qm.traced((x,))
       flat = jax.tree.leaves(qparams, is_leaf=lambda a: isinstance(
           a, qlite.core.QArray))
+      # The provider's run-time form: QArrays packed once in the layout each
+      # dot wants (what PtqModel.apply caches).
+      flat = provider.prepare_flat_params(g, state, flat)
       fn = jax.jit(provider.function(g, state))
       fns[label] = (lambda fp, xx, fn=fn: fn(fp, [xx])[0], (flat, x))
       nbytes[label] = xla.param_bytes(qparams)

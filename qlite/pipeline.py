@@ -84,10 +84,11 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   """
   provider = CalibrationProvider(rules, method=method)
   qm = QuantizedModel(model, provider, variables)
-  params = qm.mf.params
-  if params is None:
+  if qm.mf.params is None:
     raise QliteError(f"{qm.mf.description} is a Linen module: pass "
                      f"variables=...")
+  # On the device once, not re-sent with every batch.
+  qm.mf.params = jax.device_put(qm.mf.params)
   it = iter(batches)
   total = None
   if hasattr(batches, "__len__"):
@@ -106,7 +107,7 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
       check_static_shapes(args, "calibration batch 0")
       first_shapes = _shapes(args)
     _check_batch(first_shapes, args, n)
-    qm.apply(params, *args) if qm.mf.framework != "nnx" else qm(*args)
+    qm(*args)
     n += 1
     bar.update(1)
   bar.close()

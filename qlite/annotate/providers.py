@@ -35,6 +35,11 @@ class _PlannedProvider(Provider):
     return self.matcher.unmatched_rules()
 
 
+# Calibration runs a few dozen batches: XLA's backend optimisations cost more
+# compile time than they save (measured on the zoo transformer / MobileNet).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 class CalibrationProvider(_PlannedProvider):
   """Runs the float model and records statistics at every boundary.
 
@@ -69,7 +74,7 @@ class CalibrationProvider(_PlannedProvider):
         outs = graph_lib.evaluate(graph, flat_params, flat_args,
                                   on_value=on_value)
         return outs, stats
-      self._steps[id(graph)] = (graph, jax.jit(step))
+      self._steps[id(graph)] = (graph, jax.jit(step, compiler_options=_FAST_COMPILE))
     return self._steps[id(graph)][1]
 
   def run(self, qmodel, graph, plan, flat_params, flat_args):

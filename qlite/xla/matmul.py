@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,10 @@ from jax import lax
 from qlite.core import numerics
 from qlite.core import qtypes as qt_lib
 from qlite.core.qarray import QArray
+from qlite.kernels import cpu as cpu_kernels
 
 __all__ = ["DotLayout", "dot_layout", "quantized_dot", "quantized_conv",
-           "int_path_ok", "split_activation"]
+           "int_path_ok", "split_activation", "PackedWeight", "pack_weight"]
 
 _INT4 = np.dtype(ml_dtypes.int4)
 
@@ -96,6 +98,10 @@ def int_path_ok(qw: QArray, act_qtype) -> bool:
   if not (qt.kind == qt_lib.INT and qt.signed and qt.bits <= 8
           and qw.zero_point is None):
     return False
+  return _act_int_ok(act_qtype)
+
+
+def _act_int_ok(act_qtype) -> bool:
   if act_qtype is None:
     return True
   at = qt_lib.get_qtype(act_qtype)
@@ -145,21 +151,53 @@ def _after(value, anchor):
   return value
 
 
-def _int_dot(a, w, tiles: int):
-  """int8 ``a [B, M, K]`` x int weight ``w [B, K, N]`` -> int32.
+def _unpack_int4_nk(packed):
+  """``uint8 [..., K/2]`` packed by :func:`qlite.kernels.cpu.pack_int4_nk`
+  -> int8 ``[..., K]`` (shifts on the bytes; XLA's int4 convert is slow)."""
+  sh = packed.shape
+  b = lax.bitcast_convert_type(packed, jnp.int8).reshape(
+      sh[:-1] + (sh[-1] // 32, 32))
+  lo = lax.shift_right_arithmetic(lax.shift_left(b, jnp.int8(4)), jnp.int8(4))
+  hi = lax.shift_right_arithmetic(b, jnp.int8(4))
+  return jnp.concatenate([lo, hi], axis=-1).reshape(sh[:-1] + (sh[-1] * 2,))
 
-  Returns ``[B, M, N]``, or ``[B, T, M, N]`` with ``tiles = T > 1`` tiles
-  along K. int4 weights are unpacked from their nibbles with shifts.
+
+def _kernel_ok(b_: int, rows: int, nk: bool) -> bool:
+  return nk and b_ == 1 and rows <= cpu_kernels.MAX_M and \
+      cpu_kernels.available()
+
+
+def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
+  """int8 ``a [B, M, K]`` x int weight -> int32.
+
+  ``w`` is ``[B, K, N]`` (``nk=False``: a QArray's own layout), or ``[B, N,
+  K]`` (``nk=True``: a :class:`PackedWeight`), int4 ``[B, N, K/2]`` packed
+  when ``packed``. Returns ``[B, M, N]``, or ``[B, T, M, N]`` with ``tiles =
+  T > 1`` tiles along K. Small M with an ``[N, K]`` weight runs the compiled
+  CPU kernel (:mod:`qlite.kernels.cpu`) when it is built; int4 weights are
+  otherwise unpacked to int8 with shifts.
   """
   b_, m, k = a.shape
-  n = w.shape[-1]
+  if _kernel_ok(b_, m, nk):
+    fn = cpu_kernels.int4_dot_nk if packed else cpu_kernels.int8_dot_nk
+    out = fn(a[0], w[0], tiles)                       # [M, T, N]
+    return jnp.swapaxes(out, 0, 1)[None] if tiles > 1 else out[:, 0][None]
+  if packed:
+    w = _after(_unpack_int4_nk(w), a)
+  n = w.shape[1] if nk else w.shape[-1]
+  wc = 2 if nk else 1               # the weight's contracting dim
   if tiles > 1:
     a = a.reshape(b_, m, tiles, k // tiles)
-    w = w.reshape(b_, tiles, k // tiles, n)
-    # a: (B, M, T, t) ; w: (B, T, t, N) -> (B, T, M, N)
-    dn = (((3,), (2,)), ((0, 2), (0, 1)))
+    if nk:
+      w = w.reshape(b_, n, tiles, k // tiles)
+      # a: (B, M, T, t) ; w: (B, N, T, t) -> (B, T, M, N)
+      dn = (((3,), (3,)), ((0, 2), (0, 2)))
+    else:
+      w = w.reshape(b_, tiles, k // tiles, n)
+      # a: (B, M, T, t) ; w: (B, T, t, N) -> (B, T, M, N)
+      dn = (((3,), (2,)), ((0, 2), (0, 1)))
   else:
-    dn = (((2,), (1,)), ((0,), (0,)))
+    dn = (((2,), (wc,)), ((0,), (0,)))
 
   def dot(wi):
     if b_ == 1:   # drop the unit batch dim: keeps XLA on its fast dot route
@@ -170,16 +208,17 @@ def _int_dot(a, w, tiles: int):
                              preferred_element_type=jnp.int32)[None]
     return lax.dot_general(a, wi, dn, preferred_element_type=jnp.int32)
 
-  if np.dtype(w.dtype) == _INT4 and n % 2 == 0:
-    packed = lax.bitcast_convert_type(w.reshape(w.shape[:-1] + (n // 2, 2)),
-                                      jnp.int8)
-    lo = lax.shift_right_arithmetic(lax.shift_left(packed, jnp.int8(4)),
+  if not nk and np.dtype(w.dtype) == _INT4 and n % 2 == 0:
+    w = _after(w, a)
+    packed_n = lax.bitcast_convert_type(
+        w.reshape(w.shape[:-1] + (n // 2, 2)), jnp.int8)
+    lo = lax.shift_right_arithmetic(lax.shift_left(packed_n, jnp.int8(4)),
                                     jnp.int8(4))
-    hi = lax.shift_right_arithmetic(packed, jnp.int8(4))
+    hi = lax.shift_right_arithmetic(packed_n, jnp.int8(4))
     y = jnp.stack([dot(lo), dot(hi)], axis=-1)
     return y.reshape(y.shape[:-2] + (n,))
   if np.dtype(w.dtype) != np.dtype(np.int8):
-    w = w.astype(jnp.int8)
+    w = _after(w.astype(jnp.int8), a)
   return dot(w)
 
 
@@ -213,16 +252,145 @@ def _tiles(qw: QArray, lay: DotLayout) -> int:
   return qw.shape[axis] // tiles[axis]
 
 
-def _int_matmul(x3, qw: QArray, lay: DotLayout, mode: str, act_scale):
-  """Canonical integer path: returns float32 ``[B, M, N]``."""
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedWeight:
+  """A quantized dot weight in the layout the integer path wants.
+
+  Provider-private (built by :func:`pack_weight` from a :class:`QArray` once,
+  outside jit): ``data`` is the weight as ``[B, N, K]`` (the dot's batch,
+  free and contracting dims, contracting last), int8, or int4 packed two
+  values a byte as ``uint8 [B, N, K/2]`` (:func:`qlite.kernels.cpu.
+  pack_int4_nk`); ``wscale`` the weight scale as ``[B, 1, N]`` (``[B, T, 1,
+  N]`` with T tiles along K). ``scale`` is the QArray's own scale, kept so
+  :meth:`to_qarray` rebuilds the original exactly.
+  """
+  data: Any
+  wscale: Any
+  scale: Any
+  layout: DotLayout
+  tiles: int
+  packed: bool
+  shape: tuple
+  qtype: Any
+  channel_axes: tuple
+  tile_sizes: tuple
+  dtype: Any
+
+  def tree_flatten(self):
+    return ((self.data, self.wscale, self.scale),
+            (self.layout, self.tiles, self.packed, self.shape, self.qtype,
+             self.channel_axes, self.tile_sizes, self.dtype))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def to_qarray(self) -> QArray:
+    """The :class:`QArray` this was packed from (original layout)."""
+    lay = self.layout
+    w = _unpack_int4_nk(self.data) if self.packed else self.data
+    w = jnp.swapaxes(w, 1, 2)                                   # [B, K, N]
+    perm = lay.w_batch + lay.w_contract + lay.w_free
+    w = w.reshape(tuple(self.shape[d] for d in perm))
+    w = jnp.transpose(w, np.argsort(perm))
+    storage = qt_lib.get_qtype(self.qtype).storage_dtype
+    return QArray(w.astype(storage), self.scale, None, self.qtype,
+                  self.channel_axes, self.tile_sizes, self.dtype)
+
+  def dequantize(self, dtype=None):
+    return self.to_qarray().dequantize(dtype)
+
+
+def pack_weight(qw: QArray, dimension_numbers, x_ndim: int,
+                weight_operand: int):
+  """Returns ``qw`` as a :class:`PackedWeight` for this dot, or ``qw``
+  itself when the integer path does not apply (or int4 K / tile lengths are
+  not multiples of 64). Run it once, outside jit (a weight-sized transpose).
+  """
+  if not isinstance(qw, QArray) or not int_path_ok(qw, None):
+    return qw
+  lay = dot_layout(dimension_numbers, x_ndim, qw.ndim, weight_operand)
   tiles = _tiles(qw, lay)
-  w3 = _canonical_weight(jnp.asarray(qw.qvalue), lay)
+  qv = jnp.asarray(qw.qvalue)
+  int4 = np.dtype(qv.dtype) == _INT4
+  if np.dtype(qv.dtype) not in (_INT4, np.dtype(np.int8)):
+    return qw
+  w3 = _canonical_weight(qv.astype(jnp.int8), lay)              # [B, K, N]
+  b_, k, n = w3.shape
+  if int4 and not cpu_kernels.int4_packable(k, k // tiles):
+    return qw
+  data = jnp.swapaxes(w3, 1, 2)                                 # [B, N, K]
+  if int4:
+    data = cpu_kernels.pack_int4_nk(data.reshape(b_ * n, k)).reshape(
+        b_, n, k // 2)
+  data = jax.block_until_ready(jnp.array(data, copy=True))
+  return PackedWeight(data, _weight_scale(qw, lay, tiles), qw.scale, lay,
+                      tiles, int4, qw.shape, qw.qtype, qw.channel_axes,
+                      qw.tile_sizes, qw.dtype)
+
+
+def _weight_int8(w3, nk: bool, packed: bool, anchor):
+  """The weight as int8 ``[B, N, K]`` / ``[B, K, N]`` (ordered after
+  ``anchor``)."""
+  if packed:
+    return _after(_unpack_int4_nk(w3), anchor)
   if np.dtype(w3.dtype) != np.dtype(np.int8):
-    # Only where the weight is converted (int4 unpack): a barrier on a plain
-    # int8 weight made XLA copy it every call (MLP 4x2048, batch 1:
-    # 13.6 ms with, 3.3 ms without; f32 5.3 ms).
-    w3 = _after(w3, x3)
-  ws = _weight_scale(qw, lay, tiles)
+    return _after(w3.astype(jnp.int8), anchor)
+  return w3
+
+
+def _bf16_matmul(x3, w3, ws, tiles: int, nk: bool, packed: bool):
+  """Weight-only, float: the int8 weight converted to bf16 after ``x3`` is
+  ready (exact: |q| <= 127 fits bf16), the activation as two bf16 digits
+  (``x ~= hi + lo``, ~16 bits) in one ``bf16 x bf16 -> f32`` dot (XLA:CPU's
+  fast YNNPACK route); the weight scale on the f32 output."""
+  b_, m, k = x3.shape
+  w = _after(_weight_int8(w3, nk, packed, x3).astype(jnp.bfloat16), x3)
+  hi = x3.astype(jnp.bfloat16)
+  lo = (x3 - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  a = jnp.concatenate([hi, lo], axis=1)                        # [B, 2M, K]
+  rows = 2 * m
+  wc = 2 if nk else 1
+  if tiles > 1:
+    a = a.reshape(b_, rows, tiles, k // tiles)
+    if nk:
+      w = w.reshape(b_, w.shape[1], tiles, k // tiles)
+      dn = (((3,), (3,)), ((0, 2), (0, 2)))
+    else:
+      w = w.reshape(b_, tiles, k // tiles, w.shape[-1])
+      dn = (((3,), (2,)), ((0, 2), (0, 1)))
+  else:
+    dn = (((2,), (wc,)), ((0,), (0,)))
+  y = lax.dot_general(a, w, dn, preferred_element_type=jnp.float32) * ws
+  if tiles > 1:
+    y = jnp.sum(y, axis=1)
+  return y[:, :m] + y[:, m:]
+
+
+# Weight-only at M rows (activation rows of one dot) >= this: bf16 digits
+# dot; below: int8 digits (compiled kernel when built). Measured, see
+# bench/RESULTS_xla.md ("weight-only path by batch").
+WEIGHT_ONLY_BF16_MIN_M = 16
+
+
+def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
+  """Canonical integer path: returns float32 ``[B, M, N]``. ``qw`` is a
+  :class:`QArray` or a :class:`PackedWeight`."""
+  if isinstance(qw, PackedWeight):
+    tiles, w3, ws = qw.tiles, qw.data, qw.wscale
+    nk, packed = True, qw.packed
+  else:
+    tiles = _tiles(qw, lay)
+    # A QArray used as is: [B, K, N] (no per-call transpose). No barrier on
+    # a plain int8 weight: it made XLA copy it every call.
+    w3 = _canonical_weight(jnp.asarray(qw.qvalue), lay)
+    ws = _weight_scale(qw, lay, tiles)
+    nk, packed = False, False
   b_, m, _ = x3.shape
 
   def finish(acc, rows):           # acc int32 -> float32 [B, rows, N]
@@ -232,23 +400,26 @@ def _int_matmul(x3, qw: QArray, lay: DotLayout, mode: str, act_scale):
     return y[:, :rows]
 
   if mode == "weight_only":
+    if m >= WEIGHT_ONLY_BF16_MIN_M and not _kernel_ok(b_, 2 * m, nk):
+      return _bf16_matmul(x3, w3, ws, tiles, nk, packed)
     digits, s1, s2 = split_activation(x3)
-    y = finish(_int_dot(digits, w3, tiles), 2 * m)
+    y = finish(_int_dot(digits, w3, tiles, nk, packed), 2 * m)
     return s1 * y[:, :m] + s2 * y[:, m:]
   if mode == "drq":
     absmax = jnp.max(jnp.abs(x3), axis=-1, keepdims=True)
     s = jnp.where(absmax > 0, absmax / 127.0, 1.0).astype(jnp.float32)
     a = jnp.clip(jnp.round(x3 / s), -127, 127).astype(jnp.int8)
-    if m == 1:     # a second (zero) row keeps XLA:CPU on its fast route
+    if m == 1 and not _kernel_ok(b_, m, nk):
+      # a second (zero) row keeps XLA:CPU on its fast route
       a = jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
-    return s * finish(_int_dot(a, w3, tiles), m)
+    return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
   # srq: per-tensor asymmetric codes; a row of ones gives the weight sums.
   scale, zp, qtype = act_scale
   at = qt_lib.get_qtype(qtype)
   q = numerics.quantize_values(x3, jnp.float32(scale), jnp.int32(zp), at)
   q = q.astype(jnp.int8)
   ones = jnp.ones((b_, 1, q.shape[-1]), jnp.int8)
-  acc = _int_dot(jnp.concatenate([q, ones], axis=1), w3, tiles)
+  acc = _int_dot(jnp.concatenate([q, ones], axis=1), w3, tiles, nk, packed)
   if tiles > 1:
     acc = acc[:, :, :m] - jnp.int32(zp) * acc[:, :, m:]
   else:
@@ -281,7 +452,8 @@ def quantized_dot(x, qw: QArray, dimension_numbers, weight_operand: int, *,
     x: float activation.
     qw: the weight as a :class:`QArray` (original shape, per-channel over
       the weight's non-contracting dims, optional tiles along its single
-      contracting dim).
+      contracting dim), or a :class:`PackedWeight` from :func:`pack_weight`
+      for this dot (the fast layout; what :class:`PtqProvider` passes).
     dimension_numbers: the original dot_general's dimension numbers.
     weight_operand: 0 or 1, the weight's operand position.
     mode: ``"weight_only"``, ``"drq"`` or ``"srq"``.
@@ -290,7 +462,12 @@ def quantized_dot(x, qw: QArray, dimension_numbers, weight_operand: int, *,
     out_dtype: dtype of the result.
   """
   lay = dot_layout(dimension_numbers, x.ndim, qw.ndim, weight_operand)
-  if int_path_ok(qw, act_qtype if mode != "weight_only" else None):
+  if isinstance(qw, PackedWeight) and (
+      qw.layout != lay or (mode != "weight_only" and
+                           not _act_int_ok(act_qtype))):
+    qw = qw.to_qarray()               # packed for another dot / path
+  if isinstance(qw, PackedWeight) or int_path_ok(
+      qw, act_qtype if mode != "weight_only" else None):
     x3 = _canonical_x(x.astype(jnp.float32), lay)
     y = _int_matmul(x3, qw, lay, mode, act_scale)
     return _restore_output(y, x.shape, qw.shape, lay).astype(out_dtype)

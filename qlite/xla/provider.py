@@ -196,10 +196,13 @@ class PtqProvider(Provider):
     """Returns ``f(flat_params, flat_args) -> flat outputs`` (jittable).
 
     ``flat_params`` may hold :class:`QArray` leaves (pre-quantized weights)
-    in place of the float params of the quantized ops.
+    in place of the float params of the quantized ops, or (fastest) the
+    :class:`qlite.xla.matmul.PackedWeight` leaves of
+    :meth:`prepare_flat_params`.
     """
     def f(flat_params, flat_args):
-      env_params = [p.dequantize(p.dtype) if isinstance(p, QArray) else p
+      env_params = [p.dequantize(p.dtype) if isinstance(
+          p, (QArray, matmul.PackedWeight)) else p
                     for p in flat_params]       # dead (removed) when unused
 
       def on_node(node, invals):
@@ -207,7 +210,7 @@ class PtqProvider(Provider):
         if op is None:
           return None
         pw = None if op.param_index is None else flat_params[op.param_index]
-        qw = pw if isinstance(pw, QArray) else \
+        qw = pw if isinstance(pw, (QArray, matmul.PackedWeight)) else \
             op.quantize_weight(invals[op.weight_operand])
         x = invals[1 - op.weight_operand]
         out_dtype = graph.avals[node.outputs[0]].dtype
@@ -233,6 +236,25 @@ class PtqProvider(Provider):
         out[i] = op.quantize_weight(out[i])
     return out
 
+  def prepare_flat_params(self, graph: graph_lib.Graph, state: PtqState,
+                          flat_params: list) -> list:
+    """Returns ``flat_params`` quantized (:meth:`quantize_flat_params`) and
+    with each integer-path dot weight packed in the layout its dot wants
+    (:func:`qlite.xla.matmul.pack_weight`: ``[N, K]``, contracting last;
+    int4 two values a byte). Run once, outside jit; feed the result to
+    :meth:`function`. QArrays stay the interchange format
+    (``quantize_params``, orbax); this is the provider's private layout."""
+    out = self.quantize_flat_params(state, flat_params)
+    for i, op in state.param_ops().items():
+      node = graph.nodes[op.node]
+      if node.name != "dot_general" or not isinstance(out[i], QArray):
+        continue
+      x = node.inputs[1 - op.weight_operand]
+      out[i] = matmul.pack_weight(out[i], node.params["dimension_numbers"],
+                                  len(graph.avals[x].shape),
+                                  op.weight_operand)
+    return out
+
   def run(self, qmodel, graph, state, flat_params, flat_args):
     key = id(graph)
     if key not in self._fns:
@@ -245,7 +267,7 @@ class PtqProvider(Provider):
     if ids not in self._qcache:
       self._qcache.clear()
       self._qcache[ids] = (list(flat_params),
-                           self.quantize_flat_params(state, flat_params))
+                           self.prepare_flat_params(graph, state, flat_params))
     return fn(self._qcache[ids][1], list(flat_args))
 
 

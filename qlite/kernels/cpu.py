@@ -1,0 +1,94 @@
+"""Compiled CPU kernels behind ``jax.ffi`` (``qlite/kernels/cpu_kernels.cc``).
+
+Small-M integer matmuls with the weight stored ``[N, K]`` (contracting the
+last dims) and int32 accumulation (exact, bit-identical to XLA's int8 dot):
+
+* :func:`int8_dot_nk`: ``a int8 [M, K] x w int8 [N, K] -> int32 [M, T, N]``
+* :func:`int4_dot_nk`: same with ``w`` int4 packed by :func:`pack_int4_nk`
+  (``uint8 [N, K/2]``), nibbles unpacked in registers.
+
+``T`` is the number of tiles along K (sub-channel scales; 1 per channel).
+They exist because XLA:CPU's int8 dot at small M is compute-bound (it repacks
+the weight every call: ~1 ms per 2048 x 2048 layer, slower than streaming
+the f32 weight), while these read every weight byte once per call.
+
+The extension is built by ``pip install -e .`` (``setup.py``); when it is
+missing (or the backend is not CPU) :func:`available` is False and callers
+use XLA. ``QLITE_CPU_KERNELS=0`` disables it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
+           "int4_packable", "MAX_M"]
+
+# Largest M (activation rows) routed to the kernel; above it XLA's int8 dot
+# (YNNPACK, ~1.5x f32 at M >= 16) is faster. Measured: bench/RESULTS_xla.md.
+MAX_M = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> bool:
+  if os.environ.get("QLITE_CPU_KERNELS", "1") == "0":
+    return False
+  try:
+    from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  for name, capsule in _cpu_kernels.targets().items():
+    jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+  return True
+
+
+def available() -> bool:
+  """True when the compiled kernels are loaded and the backend is CPU."""
+  return jax.default_backend() == "cpu" and _load()
+
+
+def int4_packable(k: int, tile: int | None = None) -> bool:
+  """True when a K (and tile) length fits the packed-int4 kernel (multiples
+  of 64)."""
+  return k % 64 == 0 and (tile is None or tile % 64 == 0)
+
+
+def pack_int4_nk(w_nk) -> jax.Array:
+  """Packs int4 values ``[N, K]`` (any int dtype, values in [-8, 7]; K a
+  multiple of 64) as ``uint8 [N, K/2]``: per 64-value block along K, byte
+  ``i`` holds value ``i`` (low nibble) and value ``i + 32`` (high nibble)."""
+  w = jnp.asarray(w_nk).astype(jnp.int8).astype(jnp.uint8)
+  n, k = w.shape
+  if k % 64:
+    raise ValueError(f"pack_int4_nk: K={k} is not a multiple of 64")
+  w = w.reshape(n, k // 64, 2, 32)
+  lo, hi = w[:, :, 0] & 0xF, w[:, :, 1] & 0xF
+  return (lo | (hi << 4)).astype(jnp.uint8).reshape(n, k // 2)
+
+
+def _call(target, a, w, tiles: int):
+  m, k = a.shape
+  n = w.shape[0]
+  out = jax.ShapeDtypeStruct((m, tiles, n), jnp.int32)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+      a, w, tiles=np.int64(tiles))
+
+
+def int8_dot_nk(a, w, tiles: int = 1):
+  """``int32 [M, T, N]``: per K-tile sums of ``a int8 [M, K] . w int8
+  [N, K]``. Requires :func:`available`."""
+  if not _load():
+    raise RuntimeError("qlite CPU kernels are not built")
+  return _call("qlite_i8_dot_nk", a.astype(jnp.int8), w, tiles)
+
+
+def int4_dot_nk(a, w_packed, tiles: int = 1):
+  """As :func:`int8_dot_nk` with ``w_packed`` from :func:`pack_int4_nk`."""
+  if not _load():
+    raise RuntimeError("qlite CPU kernels are not built")
+  return _call("qlite_i4_dot_nk", a.astype(jnp.int8), w_packed, tiles)
