@@ -36,11 +36,15 @@ from qlite.metrics import sqnr_db
 #   rsqrt rows as the worst). The floor separates that from broken
 #   conversions, which land near 0 dB.
 SQNR_FLOOR_DB = 10.0
-# Faithful conversion: <= MAX_LSB, or LiteRT vs fake-quant SQNR >= FAITHFUL_DB
-# (int8 AVERAGE_POOL_2D / MEAN round differently from the float fake-quant
-# model; stacked pools before a tiny-range output reach ~5 LSB at ~35 dB).
+# Faithful conversion: LiteRT within MAX_LSB of the fake-quant model, or at
+# least as close to float as the fake-quant model is (within FAITHFUL_DB).
+# int8 AVERAGE_POOL_2D / MEAN round differently from the float fake-quant
+# model, so outputs whose range is tiny next to their inputs' (a mean of
+# values that cancel) differ by 5-14 LSB while LiteRT is as accurate as the
+# fake-quant model. A broken conversion (e.g. an int32 bias overflow, found
+# by seed 93 and fixed) is 30 dB worse than fake-quant.
 MAX_LSB = 4.0
-FAITHFUL_DB = 30.0
+FAITHFUL_DB = 3.0
 
 IMAGE_OPS = ("conv", "depthwise", "bn", "act", "pool", "residual", "concat",
              "se", "resize", "conv_stride")
@@ -221,8 +225,8 @@ def run_seed(seed: int) -> FuzzResult:
   lsb = float(info.tensor(out_op.inputs[0]).scale[0]) \
       if out_op.name == "DEQUANTIZE" else float("nan")
   diff = float(np.max(np.abs(np.stack(outs) - np.stack(fakes)))) / lsb
-  if not (diff <= MAX_LSB or
-          sqnr_db(np.stack(fakes), np.stack(outs)) >= FAITHFUL_DB):
+  s_fake = sqnr_db(np.stack(refs), np.stack(fakes))
+  if not (diff <= MAX_LSB or s >= s_fake - FAITHFUL_DB):
     return FuzzResult(seed, "crash", f"LiteRT differs from fake-quant by "
                       f"{diff:.1f} LSB | {case.description}", s)
   if not s >= SQNR_FLOOR_DB:

@@ -298,3 +298,21 @@ def test_every_error_is_a_value_error():
               qlite.TFLiteFormatError):
     assert issubclass(cls, qlite.QliteError)
     assert issubclass(cls, ValueError)
+
+
+def test_dead_relu_and_uniform_bias_convert_exactly():
+  # Found by the fuzzer (seed 93): an all-zero activation got a 1e-8 scale,
+  # the next layer's int32 bias (bias / (1e-8 * w_scale)) overflowed and
+  # LiteRT's output was 74 LSB off. Reducing it showed a converter bug too:
+  # a uniform nonzero bias is quantized with channel 0's scale only.
+  class Dead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(3, bias_init=nn.initializers.constant(-100.0))(x))
+      return nn.Dense(4, bias_init=nn.initializers.constant(0.5))(h)
+  m = Dead()
+  v = m.init(jax.random.key(0), X)
+  stats = qlite.calibrate(m, R, [X], variables=v, progress=False)
+  blob = qlite.export_tflite(m, R, stats, X, variables=v)
+  out = qlite.TFLiteRunner(blob).run(X)[0]
+  np.testing.assert_allclose(out, np.asarray(m.apply(v, X)), atol=0.01)

@@ -69,8 +69,12 @@ def weight_scale(w: np.ndarray, qtype, axis: int | None, method: str = "absmax")
       else tuple(range(w.ndim))
   lo = w.min(axis=reduce) if w.size else np.zeros(())
   hi = w.max(axis=reduce) if w.size else np.zeros(())
+  dead = (np.asarray(hi) - np.asarray(lo)) == 0   # all-zero channels
   s, z = numerics.scale_zero_point(np.asarray(lo), np.asarray(hi), qtype,
                                    symmetric=(method == "absmax"),
                                    narrow_range=(method == "absmax"))
+  # Any scale represents a zero channel exactly; a tiny one would overflow
+  # that channel's int32 bias (bias / (input scale * weight scale)).
+  s = np.where(dead, np.float32(1.0 / 127.0), s)
   return np.asarray(s, np.float32).reshape(-1), \
       np.asarray(z, np.int64).reshape(-1)

@@ -59,6 +59,7 @@ class Plan:
   weights: dict[tuple[int, int], WeightSpec]
   consts: dict[tuple[int, int], ConstSpec]
   quantized_nodes: set[int]
+  fused_nodes: set[int] = dataclasses.field(default_factory=set)
 
   def boundary_by_key(self) -> dict[str, Boundary]:
     return {b.key: b for b in self.boundaries.values()}
@@ -267,7 +268,7 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         add_boundary(src, None, rules[node.index], prod.name,
                      prod.module_path, prod.source)
   ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
-  return Plan(ordered, weights, consts, quantized)
+  return Plan(ordered, weights, consts, quantized, fused_nodes)
 
 
 def _per_channel_const(graph: Graph, node: Node, const_pos: int,

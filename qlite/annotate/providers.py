@@ -110,6 +110,9 @@ def _batch_stats(x, with_percentiles: bool):
           "p_lo": x.min(), "p_hi": x.max()}
 
 
+ZERO_RANGE_WIDTH = 1e-6
+
+
 def boundary_scale(b, stats: QuantStats | None):
   """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``.
 
@@ -132,6 +135,11 @@ def boundary_scale(b, stats: QuantStats | None):
         stats[b.key], method,
         aggregation=b.rule.act_aggregation,
         fixed_range=b.rule.act_fixed_range)
+  if hi - lo < ZERO_RANGE_WIDTH:
+    # A constant tensor (e.g. a dead relu): any scale represents it exactly,
+    # but a tiny one makes the next layer's int32 bias (bias / (input scale *
+    # weight scale)) overflow in LiteRT. Use a unit-wide range.
+    hi = lo + 1.0
   s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
                                    symmetric=False, narrow_range=False)
   return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
@@ -172,6 +180,7 @@ class ConversionProvider(_PlannedProvider):
   def function(self, graph: graph_lib.Graph, plan: Plan, flat_params):
     """Returns ``f(*flat_args) -> flat outputs`` with the params folded in."""
     folded = graph_lib.fold_static(graph, flat_params)
+    _unsplat_fused_constants(graph, plan, folded)
     scales = {var: boundary_scale(b, self.stats)
               for var, b in plan.boundaries.items()}
     weight_q = {}
@@ -239,6 +248,24 @@ class ConversionProvider(_PlannedProvider):
       cache[key] = (list(flat_params),
                     jax.jit(self.function(graph, plan, flat_params)))
     return cache[key][1](*flat_args)
+
+
+def _unsplat_fused_constants(graph, plan, folded) -> None:
+  """litert-converter quantizes a *uniform* nonzero bias (every channel the
+  same value, e.g. ``bias_init=constant(0.5)``) with the first channel's
+  scale only, so channels 1.. come out wrong. Nudging one element by one ulp
+  keeps the constant non-uniform; the numbers change by < 1e-7 relative."""
+  for ni in plan.fused_nodes:
+    node = graph.nodes[ni]
+    for a in node.inputs:
+      if isinstance(a, graph_lib.Lit) or a not in folded:
+        continue
+      c = folded[a]
+      if c.size > 1 and np.issubdtype(c.dtype, np.floating) and \
+          np.all(c == c.flat[0]) and c.flat[0] != 0:
+        c = np.array(c, copy=True)
+        c.flat[0] = np.nextafter(c.flat[0], np.inf, dtype=c.dtype)
+        folded[a] = c
 
 
 def _qtype(name, b):
