@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import platform
 import time
 
@@ -64,15 +65,19 @@ VARIANTS = [
     ("f32", None, "float32 XLA dot"),
     ("bf16", None, "params + input cast to bf16 (bf16 x bf16 -> bf16 dot)"),
     ("w8 weight-only", dict(weight_qtype="int8", act_qtype=None),
-     "int8 dot, activation split in 2 int8 digits (2M rows), w-scale on int32"),
+     "act split in 2 int8 digits (2M rows); [N,K] int8 weight; M<=16 rows: "
+     "qlite CPU kernel (jax.ffi), else XLA int8 dot; w-scale on int32"),
     ("w8a8 DRQ", dict(weight_qtype="int8", act_qtype="int8",
                       act_static_scale=False),
-     "int8 dot, per-row dynamic act scale; M=1 padded to 2 rows"),
+     "per-row dynamic int8 act; [N,K] weight; M<=16: CPU kernel, else XLA "
+     "int8 dot"),
     ("w8a8 SRQ", dict(weight_qtype="int8", act_qtype="int8",
                       act_static_scale=True),
-     "int8 dot, calibrated per-tensor scale/zp; ones row gives zp term"),
+     "calibrated per-tensor int8 act; ones row gives zp term; [N,K] weight; "
+     "M<=16: CPU kernel, else XLA int8 dot"),
     ("w4 weight-only", dict(weight_qtype="int4", act_qtype=None),
-     "int4 nibbles unpacked to int8 by shifts, then as w8 weight-only"),
+     "int4 packed 2/byte [N,K/2]; CPU kernel unpacks in registers (XLA: "
+     "shift-unpack to int8), then as w8 weight-only"),
 ]
 
 
@@ -229,6 +234,10 @@ def main():
                      "RESULTS_xla.md")
   with open(out, "w") as f:
     f.write(text)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import _results
+  section = text.replace("# XLA PTQ", "## XLA PTQ", 1)
+  print(f"wrote {_results.write_section('xla', section)}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,48 @@ def test_dispatch_on_cpu_is_xla():
     assert kernels.dispatch() == "xla"
   with pytest.raises(ValueError):
     kernels.dispatch("cuda")
+
+
+# -- compiled CPU kernels (jax.ffi; skipped when the extension is not built) --
+from qlite.kernels import cpu as cpu_kernels  # noqa: E402
+
+
+def _int_ref(a, w, t):
+  m, k = a.shape
+  n = w.shape[0]
+  return (a.astype(np.int64).reshape(m, 1, t, k // t)
+          * w.astype(np.int64).reshape(1, n, t, k // t)).sum(-1).transpose(
+              0, 2, 1)
+
+
+def test_pack_int4_nk_layout():
+  rng = np.random.default_rng(3)
+  w = rng.integers(-8, 8, (3, 128)).astype(np.int8)
+  p = np.asarray(cpu_kernels.pack_int4_nk(w))
+  assert p.shape == (3, 64) and p.dtype == np.uint8
+  lo = ((p.astype(np.int16) & 0xF) ^ 8) - 8
+  hi = ((p.astype(np.int16) >> 4) ^ 8) - 8
+  np.testing.assert_array_equal(lo.reshape(3, 2, 32), w.reshape(3, 2, 2, 32)
+                                [:, :, 0])
+  np.testing.assert_array_equal(hi.reshape(3, 2, 32), w.reshape(3, 2, 2, 32)
+                                [:, :, 1])
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+@pytest.mark.parametrize("m,k,n,t,bits", [
+    (1, 512, 256, 1, 8), (2, 2048, 260, 1, 8), (3, 96, 40, 1, 8),
+    (5, 512, 256, 8, 8), (16, 256, 64, 2, 8), (1, 512, 256, 1, 4),
+    (2, 1024, 130, 4, 4), (7, 128, 12, 2, 4)])
+def test_cpu_kernel_exact(m, k, n, t, bits):
+  import jax
+  rng = np.random.default_rng(m * k + n)
+  hi = 127 if bits == 8 else 7
+  a = rng.integers(-127, 128, (m, k)).astype(np.int8)
+  w = rng.integers(-hi - 1, hi + 1, (n, k)).astype(np.int8)
+  if bits == 8:
+    got = jax.jit(lambda a, w: cpu_kernels.int8_dot_nk(a, w, t))(a, w)
+  else:
+    got = jax.jit(lambda a, w: cpu_kernels.int4_dot_nk(a, w, t))(
+        a, cpu_kernels.pack_int4_nk(w))
+  np.testing.assert_array_equal(np.asarray(got), _int_ref(a, w, t))

@@ -372,10 +372,12 @@ def _bf16_matmul(x3, w3, ws, tiles: int, nk: bool, packed: bool):
   return y[:, :m] + y[:, m:]
 
 
-# Weight-only at M rows (activation rows of one dot) >= this: bf16 digits
-# dot; below: int8 digits (compiled kernel when built). Measured, see
-# bench/RESULTS_xla.md ("weight-only path by batch").
-WEIGHT_ONLY_BF16_MIN_M = 16
+# Weight-only at M rows >= this uses the bf16-digits dot instead of the int8
+# digits. None: never -- measured slower at every batch on XLA:CPU (MLP
+# 4x2048, interleaved: batch 1 0.24x vs 2.05x f32, 16: 0.99x vs 1.23x, 64:
+# 0.57x vs 0.90x; the per-call int8 -> bf16 weight convert costs more than
+# the second int8 digit). Kept for backends where bf16 dots are cheap.
+WEIGHT_ONLY_BF16_MIN_M = None
 
 
 def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
@@ -400,7 +402,8 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
     return y[:, :rows]
 
   if mode == "weight_only":
-    if m >= WEIGHT_ONLY_BF16_MIN_M and not _kernel_ok(b_, 2 * m, nk):
+    if WEIGHT_ONLY_BF16_MIN_M is not None and m >= WEIGHT_ONLY_BF16_MIN_M \
+        and not _kernel_ok(b_, 2 * m, nk):
       return _bf16_matmul(x3, w3, ws, tiles, nk, packed)
     digits, s1, s2 = split_activation(x3)
     y = finish(_int_dot(digits, w3, tiles, nk, packed), 2 * m)
