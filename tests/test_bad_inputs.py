@@ -316,3 +316,19 @@ def test_dead_relu_and_uniform_bias_convert_exactly():
   blob = qlite.export_tflite(m, R, stats, X, variables=v)
   out = qlite.TFLiteRunner(blob).run(X)[0]
   np.testing.assert_allclose(out, np.asarray(m.apply(v, X)), atol=0.01)
+
+
+def test_single_element_weight_channels_are_not_treated_as_zero():
+  # Found by the fuzzer (seed 27): Dense(1 -> 5) has one weight per output
+  # channel (min == max); it must keep its exact per-channel scale.
+  class OneIn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5)(jnp.mean(x, axis=1, keepdims=True))
+  m = OneIn()
+  v = m.init(jax.random.key(1), X)
+  stats = qlite.calibrate(m, R, [X, -X], variables=v, progress=False)
+  blob = qlite.export_tflite(m, R, stats, X, variables=v)
+  ref = np.asarray(m.apply(v, X))
+  out = qlite.TFLiteRunner(blob).run(X)[0]
+  assert qlite.metrics.sqnr_db(ref, out) > 35.0

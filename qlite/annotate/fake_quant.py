@@ -69,7 +69,7 @@ def weight_scale(w: np.ndarray, qtype, axis: int | None, method: str = "absmax")
       else tuple(range(w.ndim))
   lo = w.min(axis=reduce) if w.size else np.zeros(())
   hi = w.max(axis=reduce) if w.size else np.zeros(())
-  dead = (np.asarray(hi) - np.asarray(lo)) == 0   # all-zero channels
+  dead = (np.asarray(lo) == 0) & (np.asarray(hi) == 0)   # all-zero channels
   s, z = numerics.scale_zero_point(np.asarray(lo), np.asarray(hi), qtype,
                                    symmetric=(method == "absmax"),
                                    narrow_range=(method == "absmax"))
