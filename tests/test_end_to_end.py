@@ -159,3 +159,29 @@ def test_float_export_is_bigger_and_float(digits_data, digits_trained,
   np.testing.assert_allclose(run_tflite_batched(fblob, x),
                              np.asarray(model.apply(variables, x)),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_litert_and_xla_calibration_engines_agree(method):
+  from qlite.zoo import registry
+  zm = registry.get("transformer/linen")
+  rules = [qlite.QuantizationRule()]
+  got = {e: qlite.calibrate(zm.model, rules, zm.batches[:3],
+                            variables=zm.variables, method=method,
+                            engine=e, progress=False)
+         for e in ("litert", "xla")}
+  assert sorted(got["litert"].keys()) == sorted(got["xla"].keys())
+  assert len(got["xla"]) > 50
+  for key in got["xla"].keys():
+    a, b = got["litert"][key], got["xla"][key]
+    for stat in ("min", "max", "p_lo_sum", "p_hi_sum"):
+      np.testing.assert_allclose(a[stat], b[stat], rtol=1e-3, atol=1e-4,
+                                 err_msg=f"{key} {stat}")
+    assert int(a["count"]) == int(b["count"])
+
+
+def test_unknown_calibration_engine(digits_trained, int8_rules, digits_data):
+  model, variables = digits_trained
+  with pytest.raises(qlite.CalibrationError, match="engine.*'tpu'"):
+    qlite.calibrate(model, int8_rules, digits_data.batches(32, 1),
+                    variables=variables, engine="tpu")

@@ -79,7 +79,19 @@ class CalibrationProvider(_PlannedProvider):
 
   def run(self, qmodel, graph, plan, flat_params, flat_args):
     outs, stats = self._step(graph, plan)(flat_params, flat_args)
-    stats = jax.device_get(stats)
+    self.record(plan, jax.device_get(stats))
+    return outs
+
+  def needs_percentiles(self, b) -> bool:
+    return ((b.rule.act_calibration_method or self.method) == "percentile"
+            or b.rule.act_aggregation == "percentile")
+
+  def record(self, plan: Plan, stats: dict) -> None:
+    """Aggregates one batch's ``{key: batch_stats}`` into the records.
+
+    Raises:
+      CalibrationError: a statistic is NaN / Inf (names the boundary).
+    """
     by_key = plan.boundary_by_key()
     for key, batch in stats.items():
       b = by_key[key]
@@ -91,13 +103,26 @@ class CalibrationProvider(_PlannedProvider):
       self.records[key] = calibration.aggregate(
           self.records.get(key), batch, aggregation=b.rule.act_aggregation)
     self.num_batches += 1
-    return outs
 
   @property
   def stats(self) -> QuantStats:
     """The statistics aggregated so far."""
     return QuantStats(dict(self.records), {"num_batches": self.num_batches,
                                            "method": self.method})
+
+
+def numpy_batch_stats(x: np.ndarray, with_percentiles: bool) -> dict:
+  """:func:`qlite.core.calibration.batch_stats` computed in numpy (for
+  values read back from LiteRT)."""
+  x = np.asarray(x, np.float32).ravel()
+  lo, hi = x.min(), x.max()
+  if with_percentiles:
+    p_lo, p_hi = np.percentile(x, calibration.PERCENTILES)
+  else:
+    p_lo, p_hi = lo, hi
+  return {"min": lo, "max": hi, "absmax": np.abs(x).max(),
+          "sumsq": np.sum(x.astype(np.float64) ** 2), "count": np.int32(x.size),
+          "p_lo": np.float32(p_lo), "p_hi": np.float32(p_hi)}
 
 
 def _batch_stats(x, with_percentiles: bool):
