@@ -67,22 +67,37 @@ class Plan:
 
 def _param_free_constants(graph: Graph) -> dict[int, Any]:
   """Values of small static vars that do not depend on params (literal
-  broadcasts and the like), for pattern matching (relu's 0, relu6's 6)."""
-  env: dict[int, Any] = {k: v for k, v in graph.consts.items()
-                         if np.size(v) <= 4096}
+  broadcasts and the like), for pattern matching (relu's 0, relu6's 6).
+  Computed in one jitted call (op-by-op evaluation compiled every primitive:
+  0.9 s on the UNet's resize index arithmetic)."""
+  small = lambda v: np.prod(graph.avals[v].shape) <= 4096
+  known = {k for k, v in graph.consts.items() if np.size(v) <= 4096}
   params = set(graph.param_vars)
-  with jax.ensure_compile_time_eval():
-    for node in graph.nodes:
-      if not all(o in graph.static for o in node.outputs):
-        continue
-      if any((not isinstance(a, Lit)) and (a in params or a not in env)
-             for a in node.inputs):
-        continue
-      if any(np.prod(graph.avals[o].shape) > 4096 for o in node.outputs):
-        continue
+  nodes = []
+  for node in graph.nodes:
+    if not all(o in graph.static for o in node.outputs):
+      continue
+    if any((not isinstance(a, Lit)) and (a in params or a not in known)
+           for a in node.inputs):
+      continue
+    if not all(small(o) for o in node.outputs):
+      continue
+    nodes.append(node)
+    known.update(node.outputs)
+  outs = [o for n in nodes for o in n.outputs]
+
+  def run():
+    env = dict(graph.consts)
+    for node in nodes:
       invals = [a.value if isinstance(a, Lit) else env[a] for a in node.inputs]
       for var, val in zip(node.outputs, bind(node, invals)):
-        env[var] = np.asarray(val)
+        env[var] = val
+    return [env[o] for o in outs]
+
+  env: dict[int, Any] = {k: v for k, v in graph.consts.items()
+                         if np.size(v) <= 4096}
+  if outs:
+    env.update(zip(outs, (np.asarray(v) for v in jax.jit(run)())))
   return env
 
 
