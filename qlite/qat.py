@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import graph as graph_lib
-from qlite.annotate import op_table
-from qlite.annotate.plan import Plan, build_plan
+from qlite import op_table
+from qlite.plan import Plan, build_plan
 from qlite.core import numerics
 from qlite.core.qtypes import get_qtype
 from qlite.core.stats import QuantStats
@@ -206,20 +206,18 @@ class QatModel:
 
 def stats_from_qat(qat_stats: dict, meta: dict | None = None) -> QuantStats:
   """Returns a :class:`QuantStats` whose ranges equal a QAT ``quant_stats``
-  collection's moving-average ranges (so export uses the trained scales)."""
-  records = {}
+  collection's moving-average ranges (so export uses the trained scales).
+
+  Raises:
+    QliteError: a range was never updated by a training step.
+  """
   for key, rec in qat_stats.items():
-    lo = np.float64(np.asarray(rec["min"]))
-    hi = np.float64(np.asarray(rec["max"]))
     if int(np.asarray(rec.get("count", 1))) == 0:
       raise QliteError(f"quant_stats[{key!r}] was never updated: run "
                        f"qat.apply(..., mutable=['quant_stats']) first")
-    records[key] = {"min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)),
-                    "sumsq": np.float64(0.0), "count": np.int64(1),
-                    "ema_min": lo, "ema_max": hi, "p_lo_sum": lo,
-                    "p_hi_sum": hi, "num_batches": np.int64(1)}
-  return QuantStats(records, {"method": "minmax", "source": "qat",
-                              **(meta or {})})
+  return QuantStats.from_ranges(
+      {k: (np.asarray(r["min"]), np.asarray(r["max"]))
+       for k, r in qat_stats.items()}, {"source": "qat", **(meta or {})})
 
 
 def qat_stats_from(stats: QuantStats, qat_variables: dict) -> dict:

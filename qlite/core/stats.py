@@ -187,6 +187,20 @@ class QuantStats:
         os.unlink(tmp)
 
   @classmethod
+  def from_ranges(cls, ranges: Mapping[str, tuple[float, float]],
+                  meta: Mapping[str, Any] | None = None) -> "QuantStats":
+    """Returns stats whose every aggregation gives exactly ``ranges[key] =
+    (lo, hi)`` (e.g. ranges learned by QAT), with method ``minmax``."""
+    records = {}
+    for key, (lo, hi) in ranges.items():
+      lo, hi = np.float64(lo), np.float64(hi)
+      records[key] = {"min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)),
+                      "sumsq": np.float64(0.0), "count": np.int64(1),
+                      "ema_min": lo, "ema_max": hi, "p_lo_sum": lo,
+                      "p_hi_sum": hi, "num_batches": np.int64(1)}
+    return cls(records, {"method": "minmax", **(meta or {})})
+
+  @classmethod
   def load(cls, path: str | os.PathLike) -> "QuantStats":
     """Returns the QuantStats saved at ``path`` by :meth:`save`.
 

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import graph as graph_lib
-from qlite.annotate.plan import Plan, build_plan
-from qlite.annotate import plan as plan_lib
-from qlite.annotate.providers import as_quant_stats, boundary_scale
+from qlite.plan import Plan, build_plan
+from qlite import plan as plan_lib
+from qlite.plan import as_quant_stats, boundary_scale
 from qlite.core import qtypes as qt_lib
 from qlite.core.qarray import QArray, quantize
 from qlite.core.stats import QuantStats

@@ -13,8 +13,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from qlite.annotate import op_table
+from qlite import op_table
 from qlite.graph import Graph, Lit, Node, bind
+from qlite.core import calibration, numerics
+from qlite.core.stats import QuantStats
+from qlite.errors import CalibrationError
 from qlite.rules import QuantizationRule, RuleMatcher
 
 
@@ -323,3 +326,69 @@ def _scale_source(graph: Graph, var: int) -> int:
     if len(acts) != 1:
       return var
     var = acts[0]
+
+
+# -- boundary scales from calibration statistics (shared by every backend) --
+
+ZERO_RANGE_WIDTH = 1e-6
+
+
+def boundary_scale(b, stats: QuantStats | None):
+  """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``.
+
+  Raises:
+    CalibrationError: ``stats`` has no record for ``b`` (names its key,
+      module path and source line).
+  """
+  qt = b.rule.act_qtype
+  if b.fixed_range is not None:
+    lo, hi = b.fixed_range
+  else:
+    if stats is None or b.key not in stats:
+      raise CalibrationError(
+          f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
+          f"`{b.module_path or '<root>'}`, {b.source}); calibrate with the "
+          f"same model and rules (qlite.calibrate) and pass those stats")
+    method = b.rule.act_calibration_method or stats.meta.get("method",
+                                                             "minmax")
+    lo, hi = calibration.activation_range(
+        stats[b.key], method,
+        aggregation=b.rule.act_aggregation,
+        fixed_range=b.rule.act_fixed_range)
+  if hi - lo < ZERO_RANGE_WIDTH:
+    # A constant tensor (e.g. a dead relu): any scale represents it exactly,
+    # but a tiny one makes the next layer's int32 bias (bias / (input scale *
+    # weight scale)) overflow in LiteRT. Use a unit-wide range.
+    hi = lo + 1.0
+  s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
+                                   symmetric=False, narrow_range=False)
+  return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
+
+
+def as_quant_stats(stats: Any) -> QuantStats:
+  """Returns ``stats`` as a :class:`QuantStats` (accepts a QuantStats or a
+  ``{key: record}`` mapping).
+
+  Raises:
+    CalibrationError: anything else.
+  """
+  if isinstance(stats, QuantStats):
+    return stats
+  if isinstance(stats, dict) and "quant_stats" in stats:
+    stats = stats["quant_stats"]          # a QAT variables dict
+  if isinstance(stats, dict) and stats and all(
+      isinstance(v, dict) and set(v) == {"min", "max", "count"}
+      for v in stats.values()):      # a QAT quant_stats collection
+    never = [k for k, v in stats.items() if int(np.asarray(v["count"])) == 0]
+    if never:
+      raise CalibrationError(f"quant_stats[{never[0]!r}] was never updated: "
+                             f"run qat.apply(..., mutable=['quant_stats'])")
+    return QuantStats.from_ranges(
+        {k: (np.asarray(v["min"]), np.asarray(v["max"]))
+         for k, v in stats.items()}, {"source": "qat"})
+  if isinstance(stats, dict) and all(isinstance(v, dict)
+                                     for v in stats.values()):
+    return QuantStats({k: dict(v) for k, v in stats.items()}, {})
+  raise CalibrationError(f"stats must be a qlite.QuantStats (from "
+                         f"qlite.calibrate or QuantStats.load), got "
+                         f"{type(stats).__name__}")
