@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from qlite import graph as graph_lib
+from qlite.core.qarray import is_qarray
 from qlite.errors import QliteError
 from qlite.flax_hooks import ModelFunction, model_function
 
@@ -28,6 +29,13 @@ class Provider:
           flat_params: list, flat_args: list) -> list:
     """Returns the flat outputs of the graph run under this provider."""
     raise NotImplementedError
+
+
+def _float_stand_ins(params):
+  """``params`` with each QArray replaced by a float array of its shape."""
+  return jax.tree.map(
+      lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape)
+      if is_qarray(x) else x, params, is_leaf=is_qarray)
 
 
 def _signature(flat_args) -> tuple:
@@ -65,12 +73,15 @@ class QuantizedModel:
     return self._cache[key]
 
   def _run(self, params, args):
-    g, state = self.traced(args, params)
-    flat_params = jax.tree.leaves(params)
+    # Params may hold QArray leaves (qlite.xla.quantize_params): trace with
+    # float stand-ins, hand the QArrays themselves to the provider.
+    g, state = self.traced(args, _float_stand_ins(params))
+    flat_params = jax.tree.leaves(params, is_leaf=is_qarray)
     if len(flat_params) != len(g.param_vars):
       raise QliteError(f"{self.mf.description}: the variables have "
                        f"{len(flat_params)} arrays, the model traced with "
-                       f"{len(g.param_vars)}; pass the same variables")
+                       f"{len(g.param_vars)}; pass the same (possibly "
+                       f"quantized) variables")
     outs = self.provider.run(self, g, state, flat_params,
                              jax.tree.leaves(tuple(args)))
     return jax.tree.unflatten(g.out_tree, outs)

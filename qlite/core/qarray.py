@@ -31,7 +31,7 @@ from qlite.core import qtypes as qt_lib
 from qlite.core.qtypes import QType, get_qtype
 from qlite.errors import QliteError
 
-__all__ = ["QArray", "quantize", "dequantize", "RANGE_METHODS"]
+__all__ = ["QArray", "quantize", "dequantize", "is_qarray", "RANGE_METHODS"]
 
 RANGE_METHODS = ("absmax", "minmax")
 
@@ -250,6 +250,12 @@ def quantize(x, qtype: str | QType, *, channel_axes: Sequence[int] = (),
       channel_axes=channel,
       tile_sizes=tiles,
       dtype=dtype)
+
+
+def is_qarray(x) -> bool:
+  """True for a :class:`QArray` (use as ``is_leaf`` when walking param trees
+  that hold quantized weights)."""
+  return isinstance(x, QArray)
 
 
 def dequantize(qa: QArray, dtype=None):

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from qlite.core import numerics
-from qlite.core.qarray import QArray, quantize
+from qlite.core.qarray import QArray, is_qarray, quantize
 from qlite.core.qtypes import get_qtype
 from qlite.errors import QliteError
 from qlite.rules import QuantizationRule
@@ -23,10 +23,6 @@ __all__ = ["abstract_quantized_params", "quantize_params", "save_qparams",
            "restore_qparams", "param_bytes"]
 
 _INT4 = np.dtype(ml_dtypes.int4)
-
-
-def _is_qarray(x) -> bool:
-  return isinstance(x, QArray)
 
 
 def _placeholder(shape, dtype, qtype, channel_axes, tile_sizes, method,
@@ -115,8 +111,8 @@ def quantize_params(fp_params, abstract_qparams, quant_stats=None):
   del quant_stats
   try:
     return jax.tree.map(
-        lambda a, x: _quantize_like(x, a) if _is_qarray(a) else _same(x, a),
-        abstract_qparams, fp_params, is_leaf=_is_qarray)
+        lambda a, x: _quantize_like(x, a) if is_qarray(a) else _same(x, a),
+        abstract_qparams, fp_params, is_leaf=is_qarray)
   except ValueError as e:
     if isinstance(e, QliteError):
       raise
@@ -129,8 +125,8 @@ def param_bytes(params) -> int:
   """Returns the storage bytes of a params tree (QArrays counted packed:
   int4 as half a byte)."""
   total = 0
-  for x in jax.tree.leaves(params, is_leaf=_is_qarray):
-    if _is_qarray(x):
+  for x in jax.tree.leaves(params, is_leaf=is_qarray):
+    if is_qarray(x):
       total += x.nbytes
     else:
       total += int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
@@ -139,14 +135,14 @@ def param_bytes(params) -> int:
 
 def _to_storable(x):
   # tensorstore has no int4: store int4 as int8, restore casts back.
-  if _is_qarray(x) and np.dtype(x.qvalue.dtype) == _INT4:
+  if is_qarray(x) and np.dtype(x.qvalue.dtype) == _INT4:
     return QArray(jnp.asarray(x.qvalue).astype(jnp.int8), x.scale,
                   x.zero_point, x.qtype, x.channel_axes, x.tile_sizes, x.dtype)
   return x
 
 
 def _storable_abstract(a):
-  if _is_qarray(a):
+  if is_qarray(a):
     qv = a.qvalue
     dtype = np.int8 if np.dtype(qv.dtype) == _INT4 else qv.dtype
     return QArray(jax.ShapeDtypeStruct(qv.shape, dtype),
@@ -160,7 +156,7 @@ def _storable_abstract(a):
 def save_qparams(path: str | os.PathLike, qparams) -> None:
   """Saves quantized params with orbax (``path`` must not exist)."""
   import orbax.checkpoint as ocp
-  tree = jax.tree.map(_to_storable, qparams, is_leaf=_is_qarray)
+  tree = jax.tree.map(_to_storable, qparams, is_leaf=is_qarray)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(path), tree)
 
@@ -171,14 +167,14 @@ def restore_qparams(path: str | os.PathLike, abstract_qparams):
   structure, qtypes and layouts."""
   import orbax.checkpoint as ocp
   target = jax.tree.map(_storable_abstract, abstract_qparams,
-                        is_leaf=_is_qarray)
+                        is_leaf=is_qarray)
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(os.path.abspath(path), target)
 
   def back(a, x):
-    if _is_qarray(a) and np.dtype(a.qvalue.dtype) == _INT4:
+    if is_qarray(a) and np.dtype(a.qvalue.dtype) == _INT4:
       return QArray(jnp.asarray(x.qvalue).astype(jnp.int4), x.scale,
                     x.zero_point, x.qtype, x.channel_axes, x.tile_sizes,
                     x.dtype)
     return x
-  return jax.tree.map(back, abstract_qparams, tree, is_leaf=_is_qarray)
+  return jax.tree.map(back, abstract_qparams, tree, is_leaf=is_qarray)

@@ -271,17 +271,6 @@ class PtqProvider(Provider):
     return fn(self._qcache[ids][1], list(flat_args))
 
 
-def _is_qarray(x) -> bool:
-  return isinstance(x, QArray)
-
-
-def _abstract(params):
-  """Float-shaped stand-ins (for tracing) of params that may hold QArrays."""
-  return jax.tree.map(
-      lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape)
-      if _is_qarray(x) else x, params, is_leaf=_is_qarray)
-
-
 class PtqModel(QuantizedModel):
   """A :class:`qlite.QuantizedModel` that also takes pre-quantized params.
 
@@ -289,20 +278,6 @@ class PtqModel(QuantizedModel):
   :func:`qlite.xla.quantize_params` (QArray leaves), for Linen variables and
   NNX state alike; ``qmodel(*args)`` uses the model's own (float) variables.
   """
-
-  def _run(self, params, args):
-    if not isinstance(self.provider, PtqProvider):
-      return super()._run(params, args)
-    g, state = self.traced(args, _abstract(params))
-    flat_params = jax.tree.leaves(params, is_leaf=_is_qarray)
-    if len(flat_params) != len(g.param_vars):
-      raise QliteError(f"{self.mf.description}: the params have "
-                       f"{len(flat_params)} arrays, the model traced with "
-                       f"{len(g.param_vars)}; pass the same (quantized) "
-                       f"params tree")
-    outs = self.provider.run(self, g, state, flat_params,
-                             jax.tree.leaves(tuple(args)))
-    return jax.tree.unflatten(g.out_tree, outs)
 
   def apply(self, params, *args):
     """Returns the outputs for ``args`` with ``params`` (float or quantized;
