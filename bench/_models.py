@@ -58,8 +58,8 @@ def flax_model(case: Case):
     from qlite.zoo import digits
     return digits.DigitsCNN()
   if case.family == "wide_transformer":
-    from _wide_transformer import WideTransformer
-    return WideTransformer(width=case.width)
+    from qlite.zoo.transformer import Transformer
+    return Transformer(width=case.width)
   import importlib
   mod_name, cls, _, _ = _SYNTHETIC[case.family]
   return getattr(importlib.import_module(f"qlite.zoo.{mod_name}"), cls)()
@@ -90,11 +90,11 @@ def build(name: str) -> Case:
                 (np.ascontiguousarray(x[:1]),), x, y, None)
   elif name.startswith("transformer_x"):
     from qlite.zoo import transformer
-    from _wide_transformer import WideTransformer
+    from qlite.zoo.transformer import Transformer
     width = int(name.split("_x")[1])
     shape = (transformer.SEQ_LEN, transformer.IN_FEATURES)
     calib = base.normal_batches(shape, seed=300, num=CALIB_BATCHES)
-    model = WideTransformer(width=width)
+    model = Transformer(width=width)
     variables = _np_tree(base.init_linen(model, 0, calib[0][:1]))
     x = base.normal_batches(shape, seed=9300, num=1,
                             batch_size=EVAL_SAMPLES)[0]

@@ -33,51 +33,60 @@ def einsum_attention(q, k, v):
 
 class EinsumSelfAttention(nn.Module):
   """Self-attention with hand-written q/k/v projections and einsums (Linen)."""
+  d_model: int = D_MODEL
 
   @nn.compact
   def __call__(self, x):
     b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, NUM_HEADS, HEAD_DIM)
-    q = split(nn.Dense(D_MODEL, name="query")(x))
-    k = split(nn.Dense(D_MODEL, name="key")(x))
-    v = split(nn.Dense(D_MODEL, name="value")(x))
-    y = einsum_attention(q, k, v).reshape(b, t, D_MODEL)
-    return nn.Dense(D_MODEL, name="out")(y)
+    d = self.d_model
+    split = lambda y: y.reshape(b, t, NUM_HEADS, d // NUM_HEADS)
+    q = split(nn.Dense(d, name="query")(x))
+    k = split(nn.Dense(d, name="key")(x))
+    v = split(nn.Dense(d, name="value")(x))
+    y = einsum_attention(q, k, v).reshape(b, t, d)
+    return nn.Dense(d, name="out")(y)
 
 
 class EncoderLayer(nn.Module):
   """Pre-LN encoder layer: LN, attention, residual, LN, GELU MLP, residual."""
   flax_attention: bool
   approximate_gelu: bool
+  d_model: int = D_MODEL
+  mlp_dim: int = MLP_DIM
 
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm()(x)
     if self.flax_attention:
       y = nn.MultiHeadDotProductAttention(num_heads=NUM_HEADS,
-                                          qkv_features=D_MODEL,
+                                          qkv_features=self.d_model,
                                           deterministic=True)(y, y)
     else:
-      y = EinsumSelfAttention()(y)
+      y = EinsumSelfAttention(self.d_model)(y)
     x = x + y
     y = nn.LayerNorm()(x)
-    y = nn.Dense(MLP_DIM)(y)
+    y = nn.Dense(self.mlp_dim)(y)
     y = nn.gelu(y, approximate=self.approximate_gelu)
-    y = nn.Dense(D_MODEL)(y)
+    y = nn.Dense(self.d_model)(y)
     return x + y
 
 
 class Transformer(nn.Module):
-  """Tiny transformer encoder classifier (Linen)."""
+  """Tiny transformer encoder classifier (Linen); ``width`` scales the model
+  and MLP dims (the benchmark's scaling rows)."""
+  width: int = 1
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(D_MODEL, name="embed")(x)
+    d, m = D_MODEL * self.width, MLP_DIM * self.width
+    x = nn.Dense(d, name="embed")(x)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02),
-                     (1, SEQ_LEN, D_MODEL))
+                     (1, SEQ_LEN, d))
     x = x + pos
-    x = EncoderLayer(flax_attention=True, approximate_gelu=True)(x)
-    x = EncoderLayer(flax_attention=False, approximate_gelu=False)(x)
+    x = EncoderLayer(flax_attention=True, approximate_gelu=True,
+                     d_model=d, mlp_dim=m)(x)
+    x = EncoderLayer(flax_attention=False, approximate_gelu=False,
+                     d_model=d, mlp_dim=m)(x)
     x = nn.LayerNorm()(x)
     x = jnp.mean(x, axis=1)
     return nn.Dense(NUM_CLASSES)(x)
