@@ -12,9 +12,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qlite.annotate.providers import (CalibrationProvider, ConversionProvider,
-                                      as_quant_stats, numpy_batch_stats)
+                                      as_quant_stats)
 from qlite.convert import inspect as inspect_lib
 from qlite.convert import litert
+from qlite.core import calibration
 from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
@@ -97,8 +98,9 @@ def _litert_calibration_step(qm, provider, graph, plan):
 
   def step(flat_args):
     outs = runner.run(*[np.asarray(a) for a in flat_args])
-    provider.record(plan, {b.key: numpy_batch_stats(o, p)
-                           for b, o, p in zip(bounds, outs, pct)})
+    provider.record(plan, {
+        b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p)
+        for b, o, p in zip(bounds, outs, pct)})
   return step
 
 

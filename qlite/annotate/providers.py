@@ -62,15 +62,14 @@ class CalibrationProvider(_PlannedProvider):
   def _step(self, graph: graph_lib.Graph, plan: Plan):
     if id(graph) not in self._steps:
       need_pct = {b.var for b in plan.boundaries.values()
-                  if (b.rule.act_calibration_method or self.method)
-                  == "percentile"
-                  or b.rule.act_aggregation == "percentile"}
+                  if self.needs_percentiles(b)}
       def step(flat_params, flat_args):
         stats = {}
         def on_value(var, val):
           b = plan.boundaries.get(var)
           if b is not None and b.fixed_range is None:
-            stats[b.key] = _batch_stats(val, var in need_pct)
+            stats[b.key] = calibration.batch_stats(
+                val, with_percentiles=var in need_pct)
           return val
         outs = graph_lib.evaluate(graph, flat_params, flat_args,
                                   on_value=on_value)
@@ -110,30 +109,6 @@ class CalibrationProvider(_PlannedProvider):
     """The statistics aggregated so far."""
     return QuantStats(dict(self.records), {"num_batches": self.num_batches,
                                            "method": self.method})
-
-
-def numpy_batch_stats(x: np.ndarray, with_percentiles: bool) -> dict:
-  """:func:`qlite.core.calibration.batch_stats` computed in numpy (for
-  values read back from LiteRT)."""
-  x = np.asarray(x, np.float32).ravel()
-  lo, hi = x.min(), x.max()
-  if with_percentiles:
-    p_lo, p_hi = np.percentile(x, calibration.PERCENTILES)
-  else:
-    p_lo, p_hi = lo, hi
-  return {"min": lo, "max": hi, "absmax": np.abs(x).max(),
-          "sumsq": np.sum(x.astype(np.float64) ** 2), "count": np.int32(x.size),
-          "p_lo": np.float32(p_lo), "p_hi": np.float32(p_hi)}
-
-
-def _batch_stats(x, with_percentiles: bool):
-  if with_percentiles:
-    return calibration.batch_stats(x)
-  x = jax.numpy.ravel(x).astype(np.float32)
-  return {"min": x.min(), "max": x.max(), "absmax": jax.numpy.abs(x).max(),
-          "sumsq": jax.numpy.sum(x * x),
-          "count": jax.numpy.asarray(x.size, jax.numpy.int32),
-          "p_lo": x.min(), "p_hi": x.max()}
 
 
 class ConversionProvider(_PlannedProvider):

@@ -62,23 +62,30 @@ CALIBRATION_METHODS = ("minmax", "absmax", "rms", "fixed", "percentile")
 _FLOAT_KEYS = ("min", "max", "absmax", "sumsq")
 
 
-def batch_stats(x) -> dict[str, jnp.ndarray]:
-  """Returns per-tensor statistics of one batch as a dict of scalar jax arrays. Jittable.
+def batch_stats(x, *, with_percentiles: bool = True) -> dict:
+  """Returns per-tensor statistics of one batch as a dict of scalars.
 
-  Keys: ``min``, ``max``, ``absmax``, ``sumsq`` (float32), ``count`` (int32),
-  ``p_lo``, ``p_hi`` (the :data:`PERCENTILES`, via ``jnp.percentile``).
-  Raises nothing for valid arrays; NaN/Inf propagate (see :func:`check_finite`).
+  Jittable for jax inputs (jax scalars); numpy inputs (e.g. tensors read back
+  from LiteRT) give numpy scalars. Keys: ``min``, ``max``, ``absmax``,
+  ``sumsq`` (float32), ``count`` (int32), ``p_lo``, ``p_hi`` (the
+  :data:`PERCENTILES`; with ``with_percentiles=False`` the sort is skipped and
+  they equal ``min`` / ``max``). NaN/Inf propagate (see :func:`check_finite`).
   """
-  x = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
-  p = jnp.percentile(x, jnp.asarray(PERCENTILES, dtype=jnp.float32))
+  xp = np if isinstance(x, np.ndarray) else jnp
+  x = xp.ravel(xp.asarray(x)).astype(xp.float32)
+  lo, hi = xp.min(x), xp.max(x)
+  if with_percentiles:
+    p_lo, p_hi = xp.percentile(x, xp.asarray(PERCENTILES, dtype=xp.float32))
+  else:
+    p_lo, p_hi = lo, hi
   return {
-      "min": jnp.min(x),
-      "max": jnp.max(x),
-      "absmax": jnp.max(jnp.abs(x)),
-      "sumsq": jnp.sum(x * x),
-      "count": jnp.asarray(x.size, dtype=jnp.int32),
-      "p_lo": p[0],
-      "p_hi": p[1],
+      "min": lo,
+      "max": hi,
+      "absmax": xp.max(xp.abs(x)),
+      "sumsq": xp.sum(x * x),
+      "count": xp.asarray(x.size, dtype=xp.int32),
+      "p_lo": p_lo,
+      "p_hi": p_hi,
   }
 
 
