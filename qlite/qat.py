@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import graph as graph_lib
-from qlite import op_table
+from qlite.annotate import fake_quant as fq
 from qlite.plan import Plan, build_plan
 from qlite.core import numerics
 from qlite.core.qtypes import get_qtype
@@ -45,18 +45,6 @@ def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False):
   clipped = jnp.clip(x, lo, hi)
   q = numerics.fake_quant(x, scale, zero_point, qt, narrow_range=narrow_range)
   return clipped + jax.lax.stop_gradient(q - clipped)
-
-
-def _weight_scale(w, axis, qtype, method):
-  reduce = tuple(i for i in range(w.ndim) if i != axis) if axis is not None \
-      else tuple(range(w.ndim))
-  lo = jnp.min(w, axis=reduce, keepdims=True)
-  hi = jnp.max(w, axis=reduce, keepdims=True)
-  sym = method == "absmax"
-  s, z = numerics.scale_zero_point(jax.lax.stop_gradient(lo),
-                                   jax.lax.stop_gradient(hi), qtype,
-                                   symmetric=sym, narrow_range=sym)
-  return s, z
 
 
 class QatProvider(Provider):
@@ -110,8 +98,9 @@ class QatProvider(Provider):
         spec = plan.weights.get((node.index, i))
         if spec is not None:
           w = invals[i]
-          s, z = _weight_scale(w, spec.channel_axis, spec.rule.weight_qtype,
-                               spec.rule.weight_calibration_method)
+          s, z = fq.channel_scale(
+              jax.lax.stop_gradient(w), spec.rule.weight_qtype,
+              spec.channel_axis, spec.rule.weight_calibration_method)
           invals[i] = fake_quant_ste(
               w, s, z, spec.rule.weight_qtype,
               narrow_range=spec.rule.weight_calibration_method == "absmax")

@@ -61,20 +61,34 @@ def fake_quant(x, scale, zero_point, qtype, *, narrow_range: bool = False,
   return jax.lax.composite(decomposition, name="quant.fake_quant")(x, **attrs)
 
 
-def weight_scale(w: np.ndarray, qtype, axis: int | None, method: str = "absmax"):
-  """Returns (scale, zero_point) 1-D arrays for a weight: symmetric narrow
-  range per channel along ``axis`` (per tensor when None)."""
-  w = np.asarray(w, np.float32)
+def channel_scale(w, qtype, axis: int | None, method: str = "absmax"):
+  """Returns ``(scale, zero_point)`` of a weight, shaped to broadcast against
+  it (keepdims): per channel along ``axis`` (per tensor when None),
+  symmetric narrow range for ``absmax``. numpy in, numpy out; jax in, jax out
+  (traceable: QAT uses the same rule as export).
+
+  An all-zero channel gets scale 1/127: any scale represents it exactly, and
+  a tiny one would overflow that channel's int32 bias (bias / (input scale *
+  weight scale)) in LiteRT.
+  """
+  xp = np if isinstance(w, np.ndarray) else jnp
   reduce = tuple(i for i in range(w.ndim) if i != axis) if axis is not None \
       else tuple(range(w.ndim))
-  lo = w.min(axis=reduce) if w.size else np.zeros(())
-  hi = w.max(axis=reduce) if w.size else np.zeros(())
-  dead = (np.asarray(lo) == 0) & (np.asarray(hi) == 0)   # all-zero channels
-  s, z = numerics.scale_zero_point(np.asarray(lo), np.asarray(hi), qtype,
-                                   symmetric=(method == "absmax"),
-                                   narrow_range=(method == "absmax"))
-  # Any scale represents a zero channel exactly; a tiny one would overflow
-  # that channel's int32 bias (bias / (input scale * weight scale)).
-  s = np.where(dead, np.float32(1.0 / 127.0), s)
+  lo = xp.min(w, axis=reduce, keepdims=True)
+  hi = xp.max(w, axis=reduce, keepdims=True)
+  sym = method == "absmax"
+  s, z = numerics.scale_zero_point(lo, hi, qtype, symmetric=sym,
+                                   narrow_range=sym)
+  dead = (lo == 0) & (hi == 0)
+  return xp.where(dead, xp.float32(1.0 / 127.0), s).astype(xp.float32), z
+
+
+def weight_scale(w, qtype, axis: int | None, method: str = "absmax"):
+  """Returns (scale, zero_point) 1-D numpy arrays of a weight (see
+  :func:`channel_scale`), as the ``quant.fake_quant`` composite takes them."""
+  w = np.asarray(w, np.float32)
+  if w.size == 0:
+    return np.full(1, 1.0 / 127.0, np.float32), np.zeros(1, np.int64)
+  s, z = channel_scale(w, qtype, axis, method)
   return np.asarray(s, np.float32).reshape(-1), \
       np.asarray(z, np.int64).reshape(-1)
