@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qlite import op_table
@@ -326,6 +327,42 @@ def _scale_source(graph: Graph, var: int) -> int:
     if len(acts) != 1:
       return var
     var = acts[0]
+
+
+def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
+                      const) -> list | None:
+  """Runs ``node`` with its planned weight / constant operands replaced.
+
+  ``weight(spec, value)`` and ``const(spec, value)`` return the replacement
+  (or None to leave a constant as it is). Constants reach ``const`` as
+  float32, already inverted for a division, which then runs as a
+  multiplication by the quantized reciprocal (LiteRT's int8 DIV is
+  unreliable). Returns the node's outputs, or None when nothing was planned.
+  """
+  hit = reciprocal = False
+  for i, a in enumerate(node.inputs):
+    wspec = plan.weights.get((node.index, i))
+    if wspec is not None:
+      invals[i] = weight(wspec, invals[i])
+      hit = True
+      continue
+    cspec = plan.consts.get((node.index, i))
+    if cspec is None:
+      continue
+    value = a.value if isinstance(a, Lit) else invals[i]
+    # Concrete constants stay numpy (under a trace, jnp ops would stage them).
+    xp = jnp if isinstance(value, jax.core.Tracer) else np
+    value = xp.asarray(value, xp.float32)
+    if cspec.reciprocal:
+      value = xp.float32(1.0) / value
+    q = const(cspec, value)
+    if q is not None:
+      invals[i] = q
+      hit = True
+      reciprocal |= cspec.reciprocal
+  if reciprocal:
+    return [jax.lax.mul_p.bind(*invals)]
+  return bind(node, invals) if hit else None
 
 
 # -- boundary scales from calibration statistics (shared by every backend) --

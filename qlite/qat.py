@@ -21,7 +21,7 @@ import numpy as np
 
 from qlite import graph as graph_lib
 from qlite.annotate import fake_quant as fq
-from qlite.plan import Plan, build_plan
+from qlite.plan import Plan, build_plan, quantize_operands
 from qlite.core import numerics
 from qlite.core.qtypes import get_qtype
 from qlite.core.stats import QuantStats
@@ -91,38 +91,23 @@ class QatProvider(Provider):
                                        symmetric=False, narrow_range=False)
       return fake_quant_ste(val, s, z, b.rule.act_qtype)
 
+    def weight(spec, w):
+      s, z = fq.channel_scale(
+          jax.lax.stop_gradient(w), spec.rule.weight_qtype,
+          spec.channel_axis, spec.rule.weight_calibration_method)
+      return fake_quant_ste(
+          w, s, z, spec.rule.weight_qtype,
+          narrow_range=spec.rule.weight_calibration_method == "absmax")
+
+    def const(spec, c):
+      s, z = numerics.scale_zero_point(
+          jax.lax.stop_gradient(jnp.min(c)),
+          jax.lax.stop_gradient(jnp.max(c)), spec.rule.act_qtype,
+          symmetric=False, narrow_range=False)
+      return fake_quant_ste(c, s, z, spec.rule.act_qtype)
+
     def on_node(node, invals):
-      hit = False
-      recip = False
-      for i in range(len(invals)):
-        spec = plan.weights.get((node.index, i))
-        if spec is not None:
-          w = invals[i]
-          s, z = fq.channel_scale(
-              jax.lax.stop_gradient(w), spec.rule.weight_qtype,
-              spec.channel_axis, spec.rule.weight_calibration_method)
-          invals[i] = fake_quant_ste(
-              w, s, z, spec.rule.weight_qtype,
-              narrow_range=spec.rule.weight_calibration_method == "absmax")
-          hit = True
-          continue
-        cspec = plan.consts.get((node.index, i))
-        if cspec is not None:
-          a = node.inputs[i]
-          c = jnp.asarray(a.value if isinstance(a, graph_lib.Lit)
-                          else invals[i], jnp.float32)
-          if cspec.reciprocal:
-            c = 1.0 / c
-            recip = True
-          s, z = numerics.scale_zero_point(
-              jax.lax.stop_gradient(jnp.min(c)),
-              jax.lax.stop_gradient(jnp.max(c)), cspec.rule.act_qtype,
-              symmetric=False, narrow_range=False)
-          invals[i] = fake_quant_ste(c, s, z, cspec.rule.act_qtype)
-          hit = True
-      if recip:
-        return [jax.lax.mul_p.bind(*invals)]
-      return graph_lib.bind(node, invals) if hit else None
+      return quantize_operands(plan, node, invals, weight=weight, const=const)
 
     outs = graph_lib.evaluate(graph, flat_params, flat_args,
                               on_value=on_value, on_node=on_node)

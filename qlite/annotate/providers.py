@@ -12,7 +12,7 @@ import numpy as np
 from qlite import graph as graph_lib
 from qlite.annotate import fake_quant as fq
 from qlite.plan import (Plan, as_quant_stats, boundary_scale,  # noqa: F401
-                        build_plan)
+                        build_plan, quantize_operands)
 from qlite.core import calibration, numerics
 from qlite.core.stats import QuantStats
 from qlite.errors import CalibrationError, QTypeError
@@ -149,26 +149,6 @@ class ConversionProvider(_PlannedProvider):
     _unsplat_fused_constants(graph, plan, folded)
     scales = {var: boundary_scale(b, self.stats)
               for var, b in plan.boundaries.items()}
-    weight_q = {}
-    for (ni, op), spec in plan.weights.items():
-      w = folded[graph.nodes[ni].inputs[op]]
-      s, z = fq.weight_scale(w, spec.rule.weight_qtype, spec.channel_axis,
-                             spec.rule.weight_calibration_method)
-      weight_q[(ni, op)] = (s, z, spec)
-    const_q = {}
-    for (ni, op), spec in plan.consts.items():
-      a = graph.nodes[ni].inputs[op]
-      c = np.asarray(a.value if isinstance(a, graph_lib.Lit) else folded[a],
-                     np.float32)
-      if spec.reciprocal:
-        c = np.float32(1.0) / c
-      if not np.all(np.isfinite(c)):
-        continue      # e.g. a -inf mask value: left float, strict export names it
-      s, z = numerics.scale_zero_point(
-          np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
-          symmetric=False, narrow_range=False)
-      const_q[(ni, op)] = (c, np.reshape(s, -1), np.reshape(z, -1), spec)
-
     def on_value(var, val):
       b = plan.boundaries.get(var)
       if b is None:
@@ -176,27 +156,24 @@ class ConversionProvider(_PlannedProvider):
       s, z = scales[var]
       return fq.fake_quant(val, s, z, b.rule.act_qtype)
 
+    def weight(spec, w):
+      s, z = fq.weight_scale(w, spec.rule.weight_qtype, spec.channel_axis,
+                             spec.rule.weight_calibration_method)
+      return fq.fake_quant(
+          w, s, z, spec.rule.weight_qtype, axis=spec.channel_axis,
+          narrow_range=spec.rule.weight_calibration_method == "absmax")
+
+    def const(spec, c):
+      if not np.all(np.isfinite(c)):
+        return None   # e.g. a -inf mask value: left float, strict export names it
+      s, z = numerics.scale_zero_point(
+          np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
+          symmetric=False, narrow_range=False)
+      return fq.fake_quant(jax.numpy.asarray(c), np.reshape(s, -1),
+                           np.reshape(z, -1), spec.rule.act_qtype)
+
     def on_node(node, invals):
-      hit = False
-      prim_override = None
-      for i in range(len(invals)):
-        if (node.index, i) in weight_q:
-          s, z, spec = weight_q[(node.index, i)]
-          invals[i] = fq.fake_quant(
-              invals[i], s, z, spec.rule.weight_qtype,
-              narrow_range=spec.rule.weight_calibration_method == "absmax",
-              axis=spec.channel_axis)
-          hit = True
-        elif (node.index, i) in const_q:
-          c, s, z, spec = const_q[(node.index, i)]
-          invals[i] = fq.fake_quant(jax.numpy.asarray(c), s, z,
-                                    spec.rule.act_qtype)
-          if spec.reciprocal:
-            prim_override = jax.lax.mul_p
-          hit = True
-      if prim_override is not None:
-        return [prim_override.bind(*invals)]
-      return graph_lib.bind(node, invals) if hit else None
+      return quantize_operands(plan, node, invals, weight=weight, const=const)
 
     def f(*flat_args):
       return graph_lib.evaluate(graph, flat_params, flat_args,
