@@ -39,7 +39,10 @@ def run(weight_qtype: str = "int2", epochs: int = 6, seed: int = 0,
   acc_ptq = digits.accuracy(qat.apply(qvars, x), y)
 
   # QAT: fine-tune the float weights through fake quantization.
-  tx = optax.adam(1e-3)
+  # A decaying rate lets the int2 weights settle: with a constant 1e-3 the
+  # final accuracy swung between 95.5 % and 98.7 % with the stopping epoch.
+  steps_total = epochs * (len(data.x_train) // 32)
+  tx = optax.adam(optax.cosine_decay_schedule(1e-3, steps_total))
   opt = tx.init(qvars["params"])
 
   @jax.jit
