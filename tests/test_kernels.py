@@ -86,21 +86,80 @@ def test_pack_int4_nk_layout():
                                 [:, :, 1])
 
 
-@pytest.mark.skipif(not cpu_kernels.available(),
-                    reason="qlite CPU kernels not built")
-@pytest.mark.parametrize("m,k,n,t,bits", [
+_KERNEL_CASES = [
     (1, 512, 256, 1, 8), (2, 2048, 260, 1, 8), (3, 96, 40, 1, 8),
     (5, 512, 256, 8, 8), (16, 256, 64, 2, 8), (1, 512, 256, 1, 4),
-    (2, 1024, 130, 4, 4), (7, 128, 12, 2, 4)])
-def test_cpu_kernel_exact(m, k, n, t, bits):
-  import jax
-  rng = np.random.default_rng(m * k + n)
+    (2, 1024, 130, 4, 4), (7, 128, 12, 2, 4), (70, 256, 36, 1, 8),
+    (13, 192, 20, 3, 8), (64, 512, 64, 2, 4), (9, 256, 8, 1, 4)]
+
+
+def _kernel_case(m, k, n, t, bits, act_dtype):
+  rng = np.random.default_rng(m * k + n + bits)
   hi = 127 if bits == 8 else 7
-  a = rng.integers(-127, 128, (m, k)).astype(np.int8)
+  if act_dtype == "int16":
+    amax = cpu_kernels.int16_act_max(k // t, bits)
+    a = rng.integers(-amax, amax + 1, (m, k)).astype(np.int16)
+    a[0, : k // t] = amax                       # worst case for overflow
+  else:
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
   w = rng.integers(-hi - 1, hi + 1, (n, k)).astype(np.int8)
   if bits == 8:
-    got = jax.jit(lambda a, w: cpu_kernels.int8_dot_nk(a, w, t))(a, w)
-  else:
-    got = jax.jit(lambda a, w: cpu_kernels.int4_dot_nk(a, w, t))(
-        a, cpu_kernels.pack_int4_nk(w))
+    w[0, : k // t] = -128 if act_dtype == "int16" else 127
+  return a, w
+
+
+def _kernel_run(a, w, t, bits):
+  import jax
+  if bits == 8:
+    return jax.jit(lambda a, w: cpu_kernels.int8_dot_nk(a, w, t))(a, w)
+  return jax.jit(lambda a, w: cpu_kernels.int4_dot_nk(a, w, t))(
+      a, cpu_kernels.pack_int4_nk(w))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+@pytest.mark.parametrize("act_dtype", ["int8", "int16"])
+@pytest.mark.parametrize("m,k,n,t,bits", _KERNEL_CASES)
+def test_cpu_kernel_exact(m, k, n, t, bits, act_dtype):
+  a, w = _kernel_case(m, k, n, t, bits, act_dtype)
+  got = _kernel_run(a, w, t, bits)
   np.testing.assert_array_equal(np.asarray(got), _int_ref(a, w, t))
+
+
+def test_int16_act_max_bounds_the_sum():
+  for k_tile in (32, 768, 2048, 4096, 1 << 16):
+    for bits in (4, 8):
+      amax = cpu_kernels.int16_act_max(k_tile, bits)
+      assert k_tile * amax * (1 << (bits - 1)) < 2**31
+      assert amax == 32767 or k_tile * (amax + 1) * (1 << (bits - 1)) >= 2**31
+
+
+_ISA_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+import test_kernels as T
+bad = 0
+for case in T._KERNEL_CASES:
+  for act in ("int8", "int16"):
+    a, w = T._kernel_case(*case, act)
+    got = np.asarray(T._kernel_run(a, w, case[3], case[4]))
+    bad += int(not np.array_equal(got, T._int_ref(a, w, case[3])))
+print("mismatches", bad)
+"""
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+@pytest.mark.parametrize("isa", ["scalar", "bw", "vnni16"])
+def test_cpu_kernel_isa_variants_exact(isa):
+  """Every instruction-set path (chosen once per process) gives the exact
+  int32 sums; the default (VNNI u8 where the CPU has it) runs above."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, QLITE_CPU_KERNELS_ISA=isa, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, "-c", _ISA_SCRIPT.format(
+          tests=os.path.dirname(__file__))],
+      env=env, capture_output=True, text=True, timeout=300, check=True)
+  assert "mismatches 0" in out.stdout, out.stdout + out.stderr

@@ -1,16 +1,21 @@
 """Compiled CPU kernels behind ``jax.ffi`` (``qlite/kernels/cpu_kernels.cc``).
 
-Small-M integer matmuls with the weight stored ``[N, K]`` (contracting the
-last dims) and int32 accumulation (exact, bit-identical to XLA's int8 dot):
+Integer matmuls with the weight stored ``[N, K]`` (contracting the last
+dims) and int32 accumulation (exact, bit-identical to XLA's int8 dot):
 
-* :func:`int8_dot_nk`: ``a int8 [M, K] x w int8 [N, K] -> int32 [M, T, N]``
+* :func:`int8_dot_nk`: ``a int8|int16 [M, K] x w int8 [N, K] -> int32 [M,
+  T, N]``
 * :func:`int4_dot_nk`: same with ``w`` int4 packed by :func:`pack_int4_nk`
   (``uint8 [N, K/2]``), nibbles unpacked in registers.
 
 ``T`` is the number of tiles along K (sub-channel scales; 1 per channel).
-They exist because XLA:CPU's int8 dot at small M is compute-bound (it repacks
-the weight every call: ~1 ms per 2048 x 2048 layer, slower than streaming
-the f32 weight), while these read every weight byte once per call.
+int16 activations serve weight-only dots; :func:`int16_act_max` gives the
+largest magnitude whose sums cannot overflow int32. They exist because
+XLA:CPU's int8 dot at small M is compute-bound (it repacks the weight every
+call: ~1 ms per 2048 x 2048 layer, slower than streaming the f32 weight),
+while these read every weight byte once per call; at larger M the VNNI
+form (``vpdpbusd``, 4 byte products per int32 lane) beats XLA's int8 dot
+(MLP layer 2048 x 2048, M=64: 1.46 ms vs 2.17 ms, f32 2.59 ms).
 
 The extension is built by ``pip install -e .`` (``setup.py``); when it is
 missing (or the backend is not CPU) :func:`available` is False and callers
@@ -27,13 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
-           "int4_packable", "MAX_M"]
+           "int4_packable", "int16_act_max", "MAX_M"]
 
-# Largest M (activation rows of one dot) routed to the kernel. Measured on
-# the MLP 4x2048 (DRQ, vs XLA's int8 dot with the same [N, K] weight): M=1
-# 1.63x vs 1.37x f32, M=4 3.30x vs 2.42x, M=16 2.36x vs 1.98x; weight-only
-# 16 rows (batch 8) on par. Above it XLA (YNNPACK) is used.
-MAX_M = 16
+# Largest M (activation rows of one dot) routed to the kernel; above it XLA
+# (YNNPACK) is used. Measured per layer (2048 x 2048, int8 activations,
+# `python bench/xla_ptq.py` micro table): the kernel wins at every M up to
+# 128 rows (M=128: 2.73 ms vs XLA int8 4.10 ms); the row blocks reuse each
+# weight block from L1, so larger M keeps the same per-row cost.
+MAX_M = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,6 +79,18 @@ def pack_int4_nk(w_nk) -> jax.Array:
   return (lo | (hi << 4)).astype(jnp.uint8).reshape(n, k // 2)
 
 
+def int16_act_max(k_tile: int, weight_bits: int = 8) -> int:
+  """Largest int16 activation magnitude for which a K-tile sum of
+  ``a * w`` cannot overflow int32 (``k_tile * amax * wmax < 2**31``)."""
+  wmax = 1 << (weight_bits - 1)
+  return int(min(32767, (2**31 - 1) // (k_tile * wmax)))
+
+
+def _act(a):
+  a = jnp.asarray(a)
+  return a if a.dtype == jnp.int16 else a.astype(jnp.int8)
+
+
 def _call(target, a, w, tiles: int):
   m, k = a.shape
   n = w.shape[0]
@@ -82,15 +100,16 @@ def _call(target, a, w, tiles: int):
 
 
 def int8_dot_nk(a, w, tiles: int = 1):
-  """``int32 [M, T, N]``: per K-tile sums of ``a int8 [M, K] . w int8
-  [N, K]``. Requires :func:`available`."""
+  """``int32 [M, T, N]``: per K-tile sums of ``a [M, K] . w int8 [N, K]``;
+  ``a`` int16 stays int16 (caller keeps it within :func:`int16_act_max`),
+  anything else is cast to int8. Requires :func:`available`."""
   if not _load():
     raise RuntimeError("qlite CPU kernels are not built")
-  return _call("qlite_i8_dot_nk", a.astype(jnp.int8), w, tiles)
+  return _call("qlite_i8_dot_nk", _act(a), w, tiles)
 
 
 def int4_dot_nk(a, w_packed, tiles: int = 1):
   """As :func:`int8_dot_nk` with ``w_packed`` from :func:`pack_int4_nk`."""
   if not _load():
     raise RuntimeError("qlite CPU kernels are not built")
-  return _call("qlite_i4_dot_nk", a.astype(jnp.int8), w_packed, tiles)
+  return _call("qlite_i4_dot_nk", _act(a), w_packed, tiles)

@@ -3,8 +3,12 @@
 // Small-M integer matmuls with the weight stored [N, K] (contracting the last
 // dims), int32 accumulation, exact:
 //
-//   qlite_i8_dot_nk : a s8[M, K] x w s8[N, K]            -> s32[M, T, N]
-//   qlite_i4_dot_nk : a s8[M, K] x w u8[N, K/2] (packed)  -> s32[M, T, N]
+//   qlite_i8_dot_nk : a s8|s16[M, K] x w s8[N, K]            -> s32[M, T, N]
+//   qlite_i4_dot_nk : a s8|s16[M, K] x w u8[N, K/2] (packed)  -> s32[M, T, N]
+//
+// int16 activations serve weight-only dots (one int16 row per activation
+// row instead of two int8 digits); the caller picks the activation bits so
+// that sums cannot overflow int32 (K_tile * max|a| * 127 < 2^31).
 //
 // T is the number of tiles along K (sub-channel scales; T = 1 per channel):
 // out[m, t, n] = sum over k in tile t of a[m, k] * w[n, k].
@@ -28,6 +32,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -44,7 +49,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Problem {
-  const int8_t* a;    // [M, K]
+  const int16_t* a;   // [M, K] (int8 activations are widened once per call)
+  const uint8_t* au8; // [M, K] int8 activations + 128 (VNNI u8 path), or null
   const uint8_t* w;   // [N, K] int8, or [N, K/2] packed int4
   int32_t* out;       // [M, T, N]
   int64_t m, k, n, t;
@@ -68,7 +74,7 @@ void RangeScalar(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t tk = p.k / p.t;
   for (int64_t j = n0; j < n1; ++j) {
     for (int64_t mi = 0; mi < p.m; ++mi) {
-      const int8_t* a = p.a + mi * p.k;
+      const int16_t* a = p.a + mi * p.k;
       for (int64_t ti = 0; ti < p.t; ++ti) {
         int32_t acc = 0;
         for (int64_t kk = ti * tk; kk < (ti + 1) * tk; ++kk)
@@ -81,90 +87,142 @@ void RangeScalar(const Problem& p, int64_t n0, int64_t n1) {
 
 #ifdef QLITE_X86
 // --------------------------------------------------------------- AVX-512 --
-// 4 weight rows (outputs) x RM activation rows per step; activations are
-// widened to int16 once per call; 32 (int8) or 64 (int4) K values per step.
-// (vpmaddwd + vpaddd: AVX-512BW only; the loop is memory-bound, VNNI's fused
-// form gains nothing measurable here.)
+// 4 weight rows (outputs) x RM activation rows per step, over int16
+// activations; 32 (int8) or 64 (int4) K values per step. Weights are
+// sign-extended to int16 in registers; products are summed in int32 pairs:
+// vpdpwssd with AVX512-VNNI, else vpmaddwd + vpaddd (AVX-512BW). At small M
+// the loop is memory-bound (both forms measure alike); at M >= 16 it is
+// compute-bound and the fused VNNI form is what makes it beat f32.
 // Software prefetch distance (bytes ahead in each weight row): 512 measured
 // best of 0 / 256 / 512 / 1024 / 2048 (DRAM-cold 8192 x 2048: 5.6 -> 7.6 GB/s).
 constexpr int kPrefetch = 512;
-#define QLITE_AVX512 __attribute__((target("avx512f,avx512bw")))
 
-QLITE_AVX512 inline __m512i Madd(__m512i acc, __m512i x, __m512i w) {
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+// Rows per register block: 6 x 4 accumulators + 4 weights + 1 activation
+// fit the 32 zmm registers.
+constexpr int kRows = 6;
+// Activation rows from which weight rows are widened once per block
+// (QLITE_CPU_KERNELS_WIDEN_M overrides it, for measuring).
+const int64_t kWidenMinM = [] {
+  const char* e = std::getenv("QLITE_CPU_KERNELS_WIDEN_M");
+  return e == nullptr ? int64_t{8} : static_cast<int64_t>(std::atoll(e));
+}();
+
+namespace bw {
+#define QLITE_TGT __attribute__((target("avx512f,avx512bw")))
+#define QLITE_MADD(acc, x, w) \
+  _mm512_add_epi32(acc, _mm512_madd_epi16(x, w))
+#include "cpu_kernels_avx512.inc"
+#undef QLITE_TGT
+#undef QLITE_MADD
+}  // namespace bw
+
+namespace vnni {
+#define QLITE_TGT __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define QLITE_MADD(acc, x, w) _mm512_dpwssd_epi32(acc, x, w)
+#include "cpu_kernels_avx512.inc"
+#undef QLITE_TGT
+#undef QLITE_MADD
+
+// int8 activations: vpdpbusd multiplies unsigned by signed bytes, 4 products
+// per int32 lane (twice the int16 form's rate). Activations are stored
+// shifted to unsigned (a + 128); the shift is taken back per output with the
+// weight row sums: sum (a + 128) w = sum a w + 128 sum w. int4 weights are
+// unpacked to int8 once per block of 4 rows.
+#define QLITE_TGT __attribute__((target("avx512f,avx512bw,avx512vnni")))
+QLITE_TGT void Rows4I8(const Problem& p, int64_t j, int8_t* buf,
+                       const int8_t* rows[4]) {
+  if (!p.int4) {
+    for (int c = 0; c < 4; ++c)
+      rows[c] = reinterpret_cast<const int8_t*>(p.w + (j + c) * p.k);
+    return;
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0F), s8 = _mm512_set1_epi8(8);
+  for (int c = 0; c < 4; ++c) {
+    const uint8_t* src = p.w + (j + c) * (p.k / 2);
+    int8_t* dst = buf + c * p.k;
+    for (int64_t kk = 0; kk < p.k; kk += 128) {   // 64 bytes: 2 blocks of 64
+      __m512i b = _mm512_loadu_si512(src + kk / 2);
+      // nibble n in [0, 16) -> (n ^ 8) - 8 in [-8, 8)
+      __m512i lo = _mm512_sub_epi8(
+          _mm512_xor_si512(_mm512_and_si512(b, m4), s8), s8);
+      __m512i hi = _mm512_sub_epi8(_mm512_xor_si512(
+          _mm512_and_si512(_mm512_srli_epi16(b, 4), m4), s8), s8);
+      // block q (32 bytes) holds values [64q, 64q+32) low, [64q+32, 64q+64) high
+      __m256i lo0 = _mm512_castsi512_si256(lo), hi0 = _mm512_castsi512_si256(hi);
+      __m256i lo1 = _mm512_extracti64x4_epi64(lo, 1);
+      __m256i hi1 = _mm512_extracti64x4_epi64(hi, 1);
+      _mm512_storeu_si512(dst + kk, _mm512_inserti64x4(_mm512_castsi256_si512(lo0), hi0, 1));
+      _mm512_storeu_si512(dst + kk + 64, _mm512_inserti64x4(_mm512_castsi256_si512(lo1), hi1, 1));
+    }
+    rows[c] = dst;
+  }
 }
 
 template <int RM>
-QLITE_AVX512 void Block4(
-    const Problem& p, const int16_t* a16, int64_t j, int64_t m0) {
+QLITE_TGT inline void Block4U8(const Problem& p, const int8_t* const w[4],
+                               const int32_t* wsum, int64_t j, int64_t m0) {
   const int64_t tk = p.k / p.t;
   for (int64_t ti = 0; ti < p.t; ++ti) {
     __m512i acc[RM][4];
     for (int r = 0; r < RM; ++r)
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_si512();
-    const int64_t kb = ti * tk, ke = kb + tk;
-    if (!p.int4) {
-      for (int64_t kk = kb; kk < ke; kk += 32) {
-        __m512i wv[4];
+    for (int64_t kk = ti * tk; kk < (ti + 1) * tk; kk += 64) {
+      __m512i wv[4];
+      for (int c = 0; c < 4; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w[c] + kk) + kPrefetch, _MM_HINT_T0);
+      for (int c = 0; c < 4; ++c) wv[c] = _mm512_loadu_si512(w[c] + kk);
+      for (int r = 0; r < RM; ++r) {
+        __m512i xv = _mm512_loadu_si512(p.au8 + (m0 + r) * p.k + kk);
         for (int c = 0; c < 4; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + (j + c) * p.k + kk) + kPrefetch, _MM_HINT_T0);
-        for (int c = 0; c < 4; ++c)
-          wv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(p.w + (j + c) * p.k + kk)));
-        for (int r = 0; r < RM; ++r) {
-          __m512i xv = _mm512_loadu_si512(a16 + (m0 + r) * p.k + kk);
-          for (int c = 0; c < 4; ++c) acc[r][c] = Madd(acc[r][c], xv, wv[c]);
-        }
-      }
-    } else {
-      const int64_t kh = p.k / 2;
-      for (int64_t kk = kb; kk < ke; kk += 64) {
-        __m512i lo[4], hi[4];
-        for (int c = 0; c < 4; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(p.w + (j + c) * kh + kk / 2) + kPrefetch, _MM_HINT_T0);
-        for (int c = 0; c < 4; ++c) {
-          __m512i s = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(p.w + (j + c) * kh + kk / 2)));
-          hi[c] = _mm512_srai_epi16(s, 4);
-          lo[c] = _mm512_srai_epi16(_mm512_slli_epi16(s, 12), 12);
-        }
-        for (int r = 0; r < RM; ++r) {
-          const int16_t* xr = a16 + (m0 + r) * p.k + kk;
-          __m512i x0 = _mm512_loadu_si512(xr);
-          __m512i x1 = _mm512_loadu_si512(xr + 32);
-          for (int c = 0; c < 4; ++c) {
-            acc[r][c] = Madd(acc[r][c], x0, lo[c]);
-            acc[r][c] = Madd(acc[r][c], x1, hi[c]);
-          }
-        }
+          acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
       }
     }
     for (int r = 0; r < RM; ++r)
       for (int c = 0; c < 4; ++c)
         p.out[((m0 + r) * p.t + ti) * p.n + j + c] =
-            _mm512_reduce_add_epi32(acc[r][c]);
+            _mm512_reduce_add_epi32(acc[r][c]) - 128 * wsum[c * p.t + ti];
   }
 }
 
-QLITE_AVX512 void RangeAvx512(
-    const Problem& p, const int16_t* a16, int64_t n0, int64_t n1) {
+QLITE_TGT void RangeU8(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t tk = p.k / p.t;
+  std::vector<int8_t> buf(p.int4 ? 4 * p.k : 0);
+  std::vector<int32_t> wsum(4 * p.t);
+  const __m512i ones = _mm512_set1_epi8(1);
   int64_t j = n0;
   for (; j + 4 <= n1; j += 4) {
+    const int8_t* w[4];
+    Rows4I8(p, j, buf.data(), w);
+    for (int c = 0; c < 4; ++c)
+      for (int64_t ti = 0; ti < p.t; ++ti) {
+        __m512i s = _mm512_setzero_si512();
+        for (int64_t kk = ti * tk; kk < (ti + 1) * tk; kk += 64)
+          s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w[c] + kk));
+        wsum[c * p.t + ti] = _mm512_reduce_add_epi32(s);
+      }
     int64_t m0 = 0;
-    for (; m0 + 4 <= p.m; m0 += 4) Block4<4>(p, a16, j, m0);
+    for (; m0 + kRows <= p.m; m0 += kRows) Block4U8<kRows>(p, w, wsum.data(), j, m0);
     switch (p.m - m0) {
-      case 3: Block4<3>(p, a16, j, m0); break;
-      case 2: Block4<2>(p, a16, j, m0); break;
-      case 1: Block4<1>(p, a16, j, m0); break;
+      case 5: Block4U8<5>(p, w, wsum.data(), j, m0); break;
+      case 4: Block4U8<4>(p, w, wsum.data(), j, m0); break;
+      case 3: Block4U8<3>(p, w, wsum.data(), j, m0); break;
+      case 2: Block4U8<2>(p, w, wsum.data(), j, m0); break;
+      case 1: Block4U8<1>(p, w, wsum.data(), j, m0); break;
       default: break;
     }
   }
   if (j < n1) RangeScalar(p, j, n1);
 }
+#undef QLITE_TGT
+}  // namespace vnni
 
 bool HasAvx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+bool HasVnni() {
+  static const bool ok = HasAvx512() && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
 #endif
@@ -174,12 +232,31 @@ bool SimdShapeOk(const Problem& p) {
   return p.int4 ? (tk % 64 == 0) : (tk % 32 == 0);
 }
 
-void Range(const Problem& p, const int16_t* a16, int64_t n0, int64_t n1) {
+// 0: scalar, 1: AVX-512BW, 2: AVX-512 VNNI. QLITE_CPU_KERNELS_ISA=bw|scalar
+// caps it (for measuring the variants).
+int Isa(const Problem& p) {
 #ifdef QLITE_X86
-  if (a16 != nullptr) {
-    RangeAvx512(p, a16, n0, n1);
-    return;
-  }
+  if (!HasAvx512() || !SimdShapeOk(p)) return 0;
+  static const int cap = [] {
+    const char* e = std::getenv("QLITE_CPU_KERNELS_ISA");
+    if (e == nullptr) return 3;
+    if (std::strcmp(e, "scalar") == 0) return 0;
+    if (std::strcmp(e, "bw") == 0) return 1;
+    if (std::strcmp(e, "vnni16") == 0) return 2;
+    return 3;
+  }();
+  const bool u8 = p.au8 != nullptr && (p.k / p.t) % 64 == 0;
+  return std::min(cap, HasVnni() ? (u8 ? 3 : 2) : 1);
+#else
+  return 0;
+#endif
+}
+
+void Range(const Problem& p, int isa, int64_t n0, int64_t n1) {
+#ifdef QLITE_X86
+  if (isa == 3) return vnni::RangeU8(p, n0, n1);
+  if (isa == 2) return vnni::RangeAvx512(p, n0, n1);
+  if (isa == 1) return bw::RangeAvx512(p, n0, n1);
 #endif
   RangeScalar(p, n0, n1);
 }
@@ -187,24 +264,18 @@ void Range(const Problem& p, const int16_t* a16, int64_t n0, int64_t n1) {
 // Runs Range over [0, N) split in chunks over the pool (the caller takes the
 // first chunk) and waits for all of them.
 void Run(const Problem& p, ffi::ThreadPool& pool) {
-  std::vector<int16_t> a16;
-  const int16_t* ap = nullptr;
-#ifdef QLITE_X86
-  if (HasAvx512() && SimdShapeOk(p)) {
-    a16.resize(p.m * p.k);
-    for (int64_t i = 0; i < p.m * p.k; ++i) a16[i] = p.a[i];
-    ap = a16.data();
-  }
-#endif
+  const int isa = Isa(p);
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
 
-  // ~1 MiB of weights per chunk at least; chunk boundaries multiple of 4.
+  // At least ~1 MiB of weight bytes (x activation rows / 4) per chunk;
+  // chunk boundaries multiple of 4.
   const int64_t row_bytes = p.int4 ? p.k / 2 : p.k;
-  int64_t by_size = std::max<int64_t>(1, (p.n * row_bytes) >> 20);
+  int64_t by_size = std::max<int64_t>(
+      1, (p.n * row_bytes * std::max<int64_t>(1, p.m / 4)) >> 20);
   int64_t chunks = std::min<int64_t>(threads, by_size);
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, p.n / 4));
   if (chunks <= 1) {
-    Range(p, ap, 0, p.n);
+    Range(p, isa, 0, p.n);
     return;
   }
   const int64_t per = ((p.n + chunks - 1) / chunks + 3) / 4 * 4;
@@ -219,12 +290,12 @@ void Run(const Problem& p, ffi::ThreadPool& pool) {
       ++pending;
     }
     pool.Schedule([&, n0, n1] {
-      Range(p, ap, n0, n1);
+      Range(p, isa, n0, n1);
       std::lock_guard<std::mutex> l(mu);
       if (--pending == 0) cv.notify_all();
     });
   }
-  Range(p, ap, 0, std::min(p.n, per));
+  Range(p, isa, 0, std::min(p.n, per));
   std::unique_lock<std::mutex> l(mu);
   cv.wait(l, [&] { return pending == 0; });
 }
@@ -246,7 +317,22 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
   if (tiles < 1 || p.k % tiles || wd[1] != wk || (int4 && p.k % 64) ||
       od[0] != p.m || od[1] != tiles || od[2] != p.n)
     return ffi::Error::InvalidArgument("qlite dot: shape mismatch");
-  p.a = reinterpret_cast<const int8_t*>(a.untyped_data());
+  std::vector<int16_t> a16;
+  std::vector<uint8_t> au8;
+  p.au8 = nullptr;
+  if (a.element_type() == ffi::DataType::S16) {
+    p.a = reinterpret_cast<const int16_t*>(a.untyped_data());
+  } else if (a.element_type() == ffi::DataType::S8) {
+    const int8_t* a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
+    a16.assign(a8, a8 + p.m * p.k);   // scalar / int16 paths and the tails
+    p.a = a16.data();
+    au8.resize(p.m * p.k);
+    for (int64_t i = 0; i < p.m * p.k; ++i)
+      au8[i] = static_cast<uint8_t>(a8[i]) ^ 0x80;
+    p.au8 = au8.data();
+  } else {
+    return ffi::Error::InvalidArgument("qlite dot: activations must be s8 or s16");
+  }
   p.w = reinterpret_cast<const uint8_t*>(w.untyped_data());
   p.out = reinterpret_cast<int32_t*>(out->untyped_data());
   Run(p, pool);

@@ -15,10 +15,13 @@ Compute paths (chosen per qtype; measured on XLA:CPU, see
   single-row (``M == 1``) dot gets a second row, because XLA:CPU runs
   one-row integer dots through a slow loop.
 
-  - weight-only: the float activation is split into two int8 "digits" per
-    row (``x ~= s1 * a1 + s2 * a2``, ~16 bits of precision), stacked as rows
-    of one int8 dot: the weight stays int8 in memory and the activation
-    error is ~90 dB below the signal.
+  - weight-only: with the compiled CPU kernel, the float activation is
+    quantized per row to int16 (as many bits as keep the int32 sums exact:
+    :func:`qlite.kernels.cpu.int16_act_max`, ~80 dB below the signal at
+    K = 2048) and multiplied by the int8 / int4 weight in the kernel.
+    Otherwise it is split into two int8 "digits" per row (``x ~= s1 * a1 +
+    s2 * a2``, ~16 bits), stacked as rows of one XLA int8 dot. Either way
+    the weight stays int8 / int4 in memory.
   - dynamic range (DRQ): per-row symmetric int8 activations computed on the
     fly.
   - static range (SRQ): per-tensor asymmetric int8 activations with the
@@ -168,7 +171,8 @@ def _kernel_ok(b_: int, rows: int, nk: bool) -> bool:
 
 
 def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
-  """int8 ``a [B, M, K]`` x int weight -> int32.
+  """int8 ``a [B, M, K]`` (int16 only on the kernel route) x int weight ->
+  int32.
 
   ``w`` is ``[B, K, N]`` (``nk=False``: a QArray's own layout), or ``[B, N,
   K]`` (``nk=True``: a :class:`PackedWeight`), int4 ``[B, N, K/2]`` packed
@@ -402,8 +406,15 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
     return y[:, :rows]
 
   if mode == "weight_only":
-    if WEIGHT_ONLY_BF16_MIN_M is not None and m >= WEIGHT_ONLY_BF16_MIN_M \
-        and not _kernel_ok(b_, 2 * m, nk):
+    if _kernel_ok(b_, m, nk):
+      # one int16 row per activation row (~80 dB below the signal at K=2048)
+      amax = cpu_kernels.int16_act_max(x3.shape[-1] // tiles,
+                                       4 if packed else 8)
+      absmax = jnp.max(jnp.abs(x3), axis=-1, keepdims=True)
+      s = jnp.where(absmax > 0, absmax / amax, 1.0).astype(jnp.float32)
+      a = jnp.clip(jnp.round(x3 / s), -amax, amax).astype(jnp.int16)
+      return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
+    if WEIGHT_ONLY_BF16_MIN_M is not None and m >= WEIGHT_ONLY_BF16_MIN_M:
       return _bf16_matmul(x3, w3, ws, tiles, nk, packed)
     digits, s1, s2 = split_activation(x3)
     y = finish(_int_dot(digits, w3, tiles, nk, packed), 2 * m)
