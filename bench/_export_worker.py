@@ -80,7 +80,7 @@ def _profile_qlite(timers: Timers):
   timers.wrap(providers, "build_plan", "build_plan")
   timers.wrap(graph, "fold_static", "fold_static")
   timers.wrap(providers.ConversionProvider, "function", "conversion_fn")
-  timers.wrap(litert, "stablehlo_text", "jax_export_stablehlo")
+  timers.wrap(litert, "stablehlo_bytecode", "jax_export_stablehlo")
   timers.wrap(litert, "convert_stablehlo", "litert_converter")
   timers.wrap(inspect_lib, "inspect_tflite", "inspect_tflite")
   timers.wrap(litert, "set_int8_io", "set_int8_io")
@@ -141,7 +141,7 @@ def _qlite(case, model, res, timers):
 def _float(case, model, res, timers):
   import qlite
   from qlite.convert import litert
-  timers.wrap(litert, "stablehlo_text", "jax_export_stablehlo")
+  timers.wrap(litert, "stablehlo_bytecode", "jax_export_stablehlo")
   timers.wrap(litert, "convert_stablehlo", "litert_converter")
   t0 = time.perf_counter()
   blob = qlite.export_float_tflite(model, case.example_args,

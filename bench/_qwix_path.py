@@ -62,7 +62,7 @@ def export(model, variables, quant_stats, example_args, timings: dict) -> bytes:
   avals = [jax.ShapeDtypeStruct(np.shape(a), np.float32)
            for a in example_args]
   t0 = time.perf_counter()
-  text = litert.stablehlo_text(fn, avals)
+  text = litert.stablehlo_bytecode(fn, avals)
   t1 = time.perf_counter()
   n_out = len(jax.tree_util.tree_leaves(jax.eval_shape(fn, *avals)))
   blob = litert.convert_stablehlo(text, [f"input_{i}" for i in

@@ -2,8 +2,9 @@
 
 from qlite.convert.inspect import TFLiteInfo, TensorInfo, OpInfo, inspect_tflite
 from qlite.convert.litert import (convert_function, convert_stablehlo,
-                                  set_int8_io, stablehlo_text, write_atomic)
+                                  set_int8_io, stablehlo_bytecode,
+                                  stablehlo_text, write_atomic)
 
 __all__ = ["TFLiteInfo", "TensorInfo", "OpInfo", "inspect_tflite",
            "convert_function", "convert_stablehlo", "set_int8_io",
-           "stablehlo_text", "write_atomic"]
+           "stablehlo_bytecode", "stablehlo_text", "write_atomic"]

@@ -16,8 +16,29 @@ IO_DTYPES = ("float32", "int8")
 SIGNATURE = "serving_default"
 
 
+def stablehlo_bytecode(fn: Callable,
+                       avals: Sequence[jax.ShapeDtypeStruct]) -> bytes:
+  """Returns ``jax.jit(fn)`` at ``avals`` as a serialized StableHLO portable
+  artifact (``jax.export``'s bytecode).
+
+  The converter reads it directly: no module text is printed and parsed
+  (for a 64 MiB model the text is ~130 MiB of hex constants; bytecode
+  deserializes ~30x faster than the text round trip).
+  Raises:
+    ConversionError: ``jax.export`` failed (e.g. a non-array value).
+  """
+  try:
+    return bytes(jax.export.export(jax.jit(fn))(*avals).mlir_module_serialized)
+  except QliteError:
+    raise
+  except Exception as e:
+    raise ConversionError(f"jax.export of the model failed: "
+                          f"{type(e).__name__}: {e}") from e
+
+
 def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
-  """Returns the StableHLO module text of ``jax.jit(fn)`` at ``avals``.
+  """Returns the StableHLO module text of ``jax.jit(fn)`` at ``avals`` (for
+  reading; conversion uses :func:`stablehlo_bytecode`).
 
   Raises:
     ConversionError: ``jax.export`` failed (e.g. a non-array value).
@@ -31,22 +52,28 @@ def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
                           f"{type(e).__name__}: {e}") from e
 
 
-def convert_stablehlo(text: str, input_names: Sequence[str],
+def convert_stablehlo(module: bytes | str, input_names: Sequence[str],
                       output_names: Sequence[str], *, quantized: bool) -> bytes:
   """Converts a StableHLO module to ``.tflite`` flatbuffer bytes.
 
-  ``quantized`` selects the converter's strict static QDQ mode (the
-  ``quant.fake_quant`` composites become int8 tensors).
+  ``module``: a portable artifact (bytes, :func:`stablehlo_bytecode`) or
+  module text (str, :func:`stablehlo_text`). ``quantized`` selects the
+  converter's strict static QDQ mode (the ``quant.fake_quant`` composites
+  become int8 tensors).
   Raises:
     ConversionError: the converter rejected the module.
   """
+  from litert_converter import _stablehlo
   from litert_converter import converter_api_ext as capi
   from litert_converter.mlir import ir, passmanager
   ctx = ir.Context()
   capi.prepare_mlir_context(ctx)
   try:
     with ctx:
-      module = ir.Module.parse(text)
+      if isinstance(module, (bytes, bytearray)):
+        module = _stablehlo.deserialize_portable_artifact(ctx, bytes(module))
+      else:
+        module = ir.Module.parse(module)
       capi.set_signature(module.operation, SIGNATURE, list(input_names),
                          list(output_names))
       cfg = capi.ConvertToTFLConfig()
@@ -68,7 +95,7 @@ def convert_function(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct], *,
                      output_names: Sequence[str] | None = None,
                      num_outputs: int | None = None) -> bytes:
   """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out)."""
-  text = stablehlo_text(fn, avals)
+  text = stablehlo_bytecode(fn, avals)
   if num_outputs is None:
     num_outputs = len(jax.eval_shape(fn, *avals))
   input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
