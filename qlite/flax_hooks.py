@@ -28,6 +28,10 @@ class ModelFunction:
   framework: str          # "linen" or "nnx"
   root_name: str          # stripped from name stacks to form module paths
   description: str
+  # Equal keys trace to the same graph for the same param / arg shapes (a
+  # Linen module compares by its config, an NNX module by its graphdef);
+  # None: never reuse a trace.
+  cache_key: Any = None
 
 
 def is_nnx(model) -> bool:
@@ -54,7 +58,8 @@ def model_function(model, variables=None, *,
     def fn(params, *args):
       return model.apply(params, *args)
     return ModelFunction(fn, variables, "linen", type(model).__name__,
-                         f"linen:{type(model).__name__}")
+                         f"linen:{type(model).__name__}",
+                         _hashable(("linen", model)))
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise QliteError(f"{type(model).__name__} is an NNX module: it carries "
@@ -64,7 +69,8 @@ def model_function(model, variables=None, *,
       merged = nnx.merge(graphdef, state)
       with _nnx_named_scopes(merged):
         return merged(*args)
-    return ModelFunction(fn, state, "nnx", "", f"nnx:{type(model).__name__}")
+    return ModelFunction(fn, state, "nnx", "", f"nnx:{type(model).__name__}",
+                         _hashable(("nnx", graphdef)))
   if callable(model) and variables is not None and not isinstance(model, type):
     # A plain function f(variables, *args).
     name = getattr(model, "__name__", type(model).__name__)
@@ -72,6 +78,16 @@ def model_function(model, variables=None, *,
   raise QliteError(
       f"qlite needs a flax.linen.Module (with variables=...) or a flax.nnx."
       f"Module, got {type(model).__name__}")
+
+
+def _hashable(key):
+  """``key`` if it can key a cache (modules holding unhashable fields
+  cannot), else None."""
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 def _path_str(path) -> str:

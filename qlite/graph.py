@@ -10,6 +10,8 @@ re-evaluated by :func:`evaluate`, which lets a provider replace any value
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import dataclasses
 import os
@@ -114,14 +116,45 @@ def _module_path(stack: str, root_name: str) -> str:
   return "/".join(parts)
 
 
+# Recent traces by (model key, trees, shapes): calibrate() then export_tflite()
+# on one model trace it once (a zoo model: 0.1-0.2 s a trace).
+_TRACE_CACHE: "collections.OrderedDict[Any, Graph]" = collections.OrderedDict()
+_TRACE_CACHE_SIZE = 4
+
+
 def trace(mf: ModelFunction, args: Sequence[Any]) -> Graph:
-  """Traces ``mf.fn(mf.params, *args)`` into a flat :class:`Graph`.
+  """Traces ``mf.fn(mf.params, *args)`` into a flat :class:`Graph` (reused
+  for an equal model, see ``ModelFunction.cache_key``, at the same param /
+  arg structure, shapes and dtypes). Graphs are never modified after
+  tracing.
 
   Raises:
     QliteError: tracing the model failed (the message carries the cause).
   """
   flat_params, params_tree = jax.tree.flatten(mf.params)
   flat_args, args_tree = jax.tree.flatten(tuple(args))
+  key = None
+  if mf.cache_key is not None:
+    key = (mf.cache_key, mf.root_name, params_tree, args_tree,
+           tuple((np.shape(x), str(_dtype_of(x)))
+                 for x in flat_params + flat_args))
+    try:
+      hit = _TRACE_CACHE.get(key)
+    except TypeError:           # an unhashable tree node
+      key, hit = None, None
+    if hit is not None:
+      _TRACE_CACHE.move_to_end(key)
+      return hit
+  g = _trace(mf, flat_params, params_tree, flat_args, args_tree)
+  if key is not None:
+    _TRACE_CACHE[key] = g
+    while len(_TRACE_CACHE) > _TRACE_CACHE_SIZE:
+      _TRACE_CACHE.popitem(last=False)
+  return g
+
+
+def _trace(mf: ModelFunction, flat_params, params_tree, flat_args,
+           args_tree) -> Graph:
 
   def flat_fn(*flat):
     params = jax.tree.unflatten(params_tree, flat[:len(flat_params)])
