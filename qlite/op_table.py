@@ -11,6 +11,8 @@ Categories:
     into conv / fully_connected as an int32 bias.
   * FUSED_ACTIVATION: relu / relu6 clamps that conv / fully_connected fuse.
   * FIXED_RANGE: ops whose int8 LiteRT kernels demand a fixed output scale.
+  * SAME_SCALE: ops whose int8 LiteRT kernels demand that their activation
+    inputs share the output's scale and zero point.
   * everything else with a float activation output: a compute op whose output
     gets a calibrated per-tensor boundary.
 """
@@ -40,6 +42,16 @@ FIXED_RANGE = {
     "tanh": (-1.0, 127.0 / 128.0),
     "odml.softmax": (0.0, 255.0 / 256.0),
 }
+
+# Ops whose LiteRT int8 kernels read every activation input at the output's
+# scale and zero point: CONCATENATION, PAD, MAXIMUM / MINIMUM of two tensors
+# (max / min with a constant are relu clamps or take a quantized constant)
+# and AVERAGE_POOL_2D (reduce_window_sum scaled by a constant). Where the
+# scales differ the converter inserts a requantize (an int8 -> int8
+# QUANTIZE) or moves the producer's output scale away from its boundary; the
+# plan gives such an op and the boundaries feeding it one shared range.
+SAME_SCALE = frozenset({"concatenate", "pad", "max", "min",
+                        "reduce_window_sum"})
 
 # A reduction followed by a division / multiplication by a constant is one
 # LiteRT op (MEAN, AVERAGE_POOL_2D): no boundary in between, constant left

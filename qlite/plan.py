@@ -33,6 +33,9 @@ class Boundary:
   op: str                  # the op that produced the value (chain anchor)
   source: str
   fixed_range: tuple[float, float] | None = None
+  # The other boundaries whose values meet this one at a same-scale op
+  # (op_table.SAME_SCALE): all of them get the union of their ranges.
+  shares_with: tuple["Boundary", ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +289,63 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         prod = graph.producer[src]
         add_boundary(src, None, rules[node.index], prod.name,
                      prod.module_path, prod.source)
+  _share_scales(graph, boundaries, quantized - fused_nodes,
+                {s.index: graph.nodes[c] for c, s in sum_scale.items()})
   ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
   return Plan(ordered, weights, consts, quantized, fused_nodes)
+
+
+def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
+                  quantized: set[int], scaled_by: dict[int, Node]) -> None:
+  """Joins the boundaries that meet at a same-scale op (op_table.SAME_SCALE:
+  its output and, through pass-through ops, each activation input) into
+  groups that share one range, in place: LiteRT's int8 CONCATENATION, PAD,
+  MAXIMUM / MINIMUM and AVERAGE_POOL_2D need their inputs at the output's
+  scale, so one range (the union: nothing that was representable is
+  clipped) makes the converter insert no requantize and keeps the
+  fake-quant model and the .tflite rounding at the same points.
+  ``scaled_by``: reduce_window_sum node -> the division / multiplication
+  that makes it an average pool. Boundaries with a fixed range (softmax,
+  logistic, tanh, rule-fixed) keep it, and only boundaries of one qtype
+  share."""
+  parent: dict[int, int] = {}
+
+  def find(v: int) -> int:
+    while parent.get(v, v) != v:
+      v = parent[v]
+    return v
+
+  for node in graph.nodes:
+    if node.index not in quantized or node.name not in op_table.SAME_SCALE:
+      continue
+    acts = [a for a in node.inputs if graph.is_activation(a)]
+    if node.name == "reduce_window_sum":
+      if node.index not in scaled_by:
+        continue                      # a plain windowed sum, not a pool
+      out = scaled_by[node.index].outputs[0]
+    elif node.name in ("max", "min") and len(acts) < 2:
+      continue                        # relu clamps, max / min with a constant
+    else:
+      out = node.outputs[0]
+    members = [out] + [_scale_source(graph, a) for a in acts]
+    members = [v for v in members if v in boundaries
+               and boundaries[v].fixed_range is None]
+    if len(members) < 2 or members[0] != out:
+      continue
+    qtype = boundaries[out].rule.act_qtype
+    for v in members[1:]:
+      if boundaries[v].rule.act_qtype == qtype:
+        parent[find(v)] = find(out)
+
+  groups: dict[int, list[int]] = {}
+  for v in parent:
+    groups.setdefault(find(v), []).append(v)
+  for root, group in groups.items():
+    group = sorted(set(group) | {root})
+    own = {v: boundaries[v] for v in group}
+    for v in group:
+      boundaries[v] = dataclasses.replace(
+          own[v], shares_with=tuple(own[o] for o in group if o != v))
 
 
 def _per_channel_const(graph: Graph, node: Node, const_pos: int,
@@ -370,28 +428,47 @@ def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
 ZERO_RANGE_WIDTH = 1e-6
 
 
+def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
+  if b.fixed_range is not None:
+    return b.fixed_range
+  if stats is None or b.key not in stats:
+    raise CalibrationError(
+        f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
+        f"`{b.module_path or '<root>'}`, {b.source}); calibrate with the "
+        f"same model and rules (qlite.calibrate) and pass those stats")
+  method = b.rule.act_calibration_method or stats.meta.get("method",
+                                                           "minmax")
+  return calibration.activation_range(
+      stats[b.key], method, aggregation=b.rule.act_aggregation,
+      fixed_range=b.rule.act_fixed_range)
+
+
+def boundary_range(b, stats: QuantStats | None) -> tuple[float, float]:
+  """Returns the calibrated ``(lo, hi)`` of boundary ``b``: its fixed range,
+  or its own calibrated range joined with those of the boundaries it
+  ``shares_with`` (the union).
+
+  Raises:
+    CalibrationError: ``stats`` has no record for ``b`` or a boundary it
+      shares with (names its key, module path and source line).
+  """
+  lo, hi = _own_range(b, stats)
+  for other in b.shares_with:
+    olo, ohi = _own_range(other, stats)
+    lo, hi = min(lo, olo), max(hi, ohi)
+  return lo, hi
+
+
 def boundary_scale(b, stats: QuantStats | None):
-  """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``.
+  """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``
+  (from :func:`boundary_range`).
 
   Raises:
     CalibrationError: ``stats`` has no record for ``b`` (names its key,
       module path and source line).
   """
   qt = b.rule.act_qtype
-  if b.fixed_range is not None:
-    lo, hi = b.fixed_range
-  else:
-    if stats is None or b.key not in stats:
-      raise CalibrationError(
-          f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
-          f"`{b.module_path or '<root>'}`, {b.source}); calibrate with the "
-          f"same model and rules (qlite.calibrate) and pass those stats")
-    method = b.rule.act_calibration_method or stats.meta.get("method",
-                                                             "minmax")
-    lo, hi = calibration.activation_range(
-        stats[b.key], method,
-        aggregation=b.rule.act_aggregation,
-        fixed_range=b.rule.act_fixed_range)
+  lo, hi = boundary_range(b, stats)
   if hi - lo < ZERO_RANGE_WIDTH:
     # A constant tensor (e.g. a dead relu): any scale represents it exactly,
     # but a tiny one makes the next layer's int32 bias (bias / (input scale *

@@ -87,6 +87,13 @@ class QatProvider(Provider):
           lo = jnp.where(first, bmin, decay * lo + (1 - decay) * bmin)
           hi = jnp.where(first, bmax, decay * hi + (1 - decay) * bmax)
           new_stats[b.key] = {"min": lo, "max": hi, "count": rec["count"] + 1}
+        # The plan's shared range (plan.boundary_range): the union with the
+        # boundaries this one meets at a same-scale op (their last ranges).
+        for other in b.shares_with:
+          o = stats[other.key]
+          seen = o["count"] > 0
+          lo = jnp.where(seen, jnp.minimum(lo, o["min"]), lo)
+          hi = jnp.where(seen, jnp.maximum(hi, o["max"]), hi)
       s, z = numerics.scale_zero_point(lo, hi, b.rule.act_qtype,
                                        symmetric=False, narrow_range=False)
       return fake_quant_ste(val, s, z, b.rule.act_qtype)
