@@ -107,6 +107,20 @@ const int64_t kWidenMinM = [] {
   return e == nullptr ? int64_t{8} : static_cast<int64_t>(std::atoll(e));
 }();
 
+// Activation rows per pass over the weight columns. Short rows (small K)
+// are too short for the hardware prefetcher to stream them from L2, so
+// rows are taken in chunks whose activations (row_bytes each) fit ~32 KiB
+// of L1, when that still gives >= 24 rows to reuse each weight block;
+// otherwise all rows in one pass (each weight block stays in L1 while the
+// long activation rows stream). Measured (int8, M=512, 2 threads):
+// 768 x 3072 16.0 -> 10.4 ms (f32 17.7); 3072 x 768 chunks of 6 rows were
+// slower (11.2 -> 13.5 ms), hence the 24-row floor.
+int64_t ChunkRows(int64_t m, int64_t row_bytes) {
+  int64_t rows = (int64_t{32} << 10) / std::max<int64_t>(1, row_bytes);
+  rows = rows / kRows * kRows;
+  return rows < 24 ? m : std::min(m, rows);
+}
+
 namespace bw {
 #define QLITE_TGT __attribute__((target("avx512f,avx512bw")))
 #define QLITE_MADD(acc, x, w) \
@@ -177,10 +191,13 @@ QLITE_TGT inline void Block4U8(const Problem& p, const int8_t* const w[4],
           acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
       }
     }
+    const __m128i shift = _mm_slli_epi32(
+        _mm_setr_epi32(wsum[0 * p.t + ti], wsum[1 * p.t + ti],
+                       wsum[2 * p.t + ti], wsum[3 * p.t + ti]), 7);
     for (int r = 0; r < RM; ++r)
-      for (int c = 0; c < 4; ++c)
-        p.out[((m0 + r) * p.t + ti) * p.n + j + c] =
-            _mm512_reduce_add_epi32(acc[r][c]) - 128 * wsum[c * p.t + ti];
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(p.out + ((m0 + r) * p.t + ti) * p.n + j),
+          _mm_sub_epi32(Reduce4(acc[r]), shift));
   }
 }
 
@@ -189,29 +206,34 @@ QLITE_TGT void RangeU8(const Problem& p, int64_t n0, int64_t n1) {
   std::vector<int8_t> buf(p.int4 ? 4 * p.k : 0);
   std::vector<int32_t> wsum(4 * p.t);
   const __m512i ones = _mm512_set1_epi8(1);
-  int64_t j = n0;
-  for (; j + 4 <= n1; j += 4) {
-    const int8_t* w[4];
-    Rows4I8(p, j, buf.data(), w);
-    for (int c = 0; c < 4; ++c)
-      for (int64_t ti = 0; ti < p.t; ++ti) {
-        __m512i s = _mm512_setzero_si512();
-        for (int64_t kk = ti * tk; kk < (ti + 1) * tk; kk += 64)
-          s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w[c] + kk));
-        wsum[c * p.t + ti] = _mm512_reduce_add_epi32(s);
+  const int64_t mc = ChunkRows(p.m, p.k);
+  for (int64_t c0 = 0; c0 < p.m; c0 += mc) {
+    const int64_t c1 = std::min(p.m, c0 + mc);
+    int64_t j = n0;
+    for (; j + 4 <= n1; j += 4) {
+      const int8_t* w[4];
+      Rows4I8(p, j, buf.data(), w);
+      for (int c = 0; c < 4; ++c)
+        for (int64_t ti = 0; ti < p.t; ++ti) {
+          __m512i s = _mm512_setzero_si512();
+          for (int64_t kk = ti * tk; kk < (ti + 1) * tk; kk += 64)
+            s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w[c] + kk));
+          wsum[c * p.t + ti] = _mm512_reduce_add_epi32(s);
+        }
+      int64_t m0 = c0;
+      for (; m0 + kRows <= c1; m0 += kRows)
+        Block4U8<kRows>(p, w, wsum.data(), j, m0);
+      switch (c1 - m0) {
+        case 5: Block4U8<5>(p, w, wsum.data(), j, m0); break;
+        case 4: Block4U8<4>(p, w, wsum.data(), j, m0); break;
+        case 3: Block4U8<3>(p, w, wsum.data(), j, m0); break;
+        case 2: Block4U8<2>(p, w, wsum.data(), j, m0); break;
+        case 1: Block4U8<1>(p, w, wsum.data(), j, m0); break;
+        default: break;
       }
-    int64_t m0 = 0;
-    for (; m0 + kRows <= p.m; m0 += kRows) Block4U8<kRows>(p, w, wsum.data(), j, m0);
-    switch (p.m - m0) {
-      case 5: Block4U8<5>(p, w, wsum.data(), j, m0); break;
-      case 4: Block4U8<4>(p, w, wsum.data(), j, m0); break;
-      case 3: Block4U8<3>(p, w, wsum.data(), j, m0); break;
-      case 2: Block4U8<2>(p, w, wsum.data(), j, m0); break;
-      case 1: Block4U8<1>(p, w, wsum.data(), j, m0); break;
-      default: break;
     }
   }
-  if (j < n1) RangeScalar(p, j, n1);
+  if ((n1 - n0) % 4) RangeScalar(p, n1 - (n1 - n0) % 4, n1);
 }
 #undef QLITE_TGT
 }  // namespace vnni
