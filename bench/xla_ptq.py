@@ -25,6 +25,7 @@ from jax import lax
 
 import qlite
 from qlite import xla
+from qlite.kernels import cpu as cpu_kernels
 from qlite.metrics import sqnr_db
 
 
@@ -65,19 +66,21 @@ VARIANTS = [
     ("f32", None, "float32 XLA dot"),
     ("bf16", None, "params + input cast to bf16 (bf16 x bf16 -> bf16 dot)"),
     ("w8 weight-only", dict(weight_qtype="int8", act_qtype=None),
-     "act split in 2 int8 digits (2M rows); [N,K] int8 weight; M<=16 rows: "
-     "qlite CPU kernel (jax.ffi), else XLA int8 dot; w-scale on int32"),
+     "per-row int16 act (bits kept exact for int32) x [N,K] int8 weight in "
+     "the qlite CPU kernel (jax.ffi, VNNI vpdpwssd); w-scale on int32. "
+     "Without the kernel: 2 int8 digits per row, XLA int8 dot"),
     ("w8a8 DRQ", dict(weight_qtype="int8", act_qtype="int8",
                       act_static_scale=False),
-     "per-row dynamic int8 act; [N,K] weight; M<=16: CPU kernel, else XLA "
-     "int8 dot"),
+     "per-row dynamic int8 act x [N,K] int8 weight in the CPU kernel (VNNI "
+     "u8 x s8 vpdpbusd, +128 shift undone with weight row sums); XLA int8 "
+     "dot without it"),
     ("w8a8 SRQ", dict(weight_qtype="int8", act_qtype="int8",
                       act_static_scale=True),
-     "calibrated per-tensor int8 act; ones row gives zp term; [N,K] weight; "
-     "M<=16: CPU kernel, else XLA int8 dot"),
+     "calibrated per-tensor int8 act; ones row gives the zero-point term; "
+     "same kernel as DRQ"),
     ("w4 weight-only", dict(weight_qtype="int4", act_qtype=None),
-     "int4 packed 2/byte [N,K/2]; CPU kernel unpacks in registers (XLA: "
-     "shift-unpack to int8), then as w8 weight-only"),
+     "int4 packed 2/byte [N,K/2], unpacked in registers by the CPU kernel; "
+     "int16 act as w8 weight-only (XLA: shift-unpack to int8)"),
 ]
 
 
@@ -188,6 +191,17 @@ def micro(reps):
       "int8 dot M=128 (2 digits of M=64)": (jax.jit(idot), (
           jnp.concatenate([x64q, x64q]), wq)),
   }
+  if cpu_kernels.available():
+    wnk = jnp.asarray(wq.T.copy())
+    x1q16 = jnp.asarray(rng.integers(-8191, 8192, (1, k)).astype(np.int16))
+    x64q16 = jnp.asarray(rng.integers(-8191, 8192, (64, k)).astype(np.int16))
+    kdot = jax.jit(cpu_kernels.int8_dot_nk)
+    cases.update({
+        "qlite kernel int8 act M=1": (kdot, (x2q[:1], wnk)),
+        "qlite kernel int16 act M=1 (weight-only)": (kdot, (x1q16, wnk)),
+        "qlite kernel int8 act M=64": (kdot, (x64q, wnk)),
+        "qlite kernel int16 act M=64 (weight-only)": (kdot, (x64q16, wnk)),
+    })
   t = _time(cases, reps)
   return {k: v * 1e3 for k, v in t.items()}
 
@@ -210,6 +224,7 @@ def render(rows, mic) -> str:
         f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.3f} | "
         f"{r['speed']:.2f}x | {r['bytes']:,} | {r['bytes_ratio']:.3f} | {sq} "
         f"| {r['path']} |")
+  lines += ["", "Why these paths: `docs/xla_cpu_paths.md` (measured findings)."]
   lines += ["", "## Why each path (dot-level, 2048 x 2048, same run)", "",
             "| dot | median ms | speed vs f32 M=1 (M=64 rows: vs f32 M=64) |",
             "|---|---|---|"]
