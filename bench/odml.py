@@ -229,10 +229,12 @@ def main_table(rows) -> str:
   return md_table(header, body)
 
 
-_PART_ORDER = ["calib:trace_jaxpr", "calib:build_plan", "calib_trace_lower",
-               "calib_xla_compile", "calib_run_batches", "export:trace_jaxpr",
-               "export:build_plan", "fold_static", "conversion_fn",
-               "jax_export_stablehlo", "litert_converter", "inspect_tflite"]
+_PART_ORDER = ["calib:trace_jaxpr", "calib:build_plan", "calib:fold_static",
+               "calib:jax_export_stablehlo", "calib:litert_converter",
+               "calib:batches", "export:trace_jaxpr", "export:build_plan",
+               "export:fold_static", "export:conversion_fn",
+               "export:jax_export_stablehlo", "export:litert_converter",
+               "export:inspect_tflite"]
 
 
 def profile_table(rows) -> str:
@@ -249,11 +251,17 @@ def profile_table(rows) -> str:
     vals = []
     for r in qrows:
       v = r["parts"].get(k)
-      if k == "conversion_fn" and v is not None:
-        v -= r["parts"].get("fold_static", 0.0)   # nested: report the rest
+      if k == "export:conversion_fn" and v is not None:
+        v -= r["parts"].get("export:fold_static", 0.0)   # nested: the rest
       vals.append(_f(v, "{:.2f}"))
-    label = {"conversion_fn": "weight scales (conversion_fn − fold_static)",
-             "calib_run_batches": "calib run (32 batches)"}.get(k, k)
+    label = {
+        "export:conversion_fn": "export:weight scales (conversion_fn − "
+                                "fold_static)",
+        "calib:jax_export_stablehlo": "calib:jax_export (float .tflite with "
+                                      "boundary outputs)",
+        "calib:litert_converter": "calib:litert_converter (float)",
+        "calib:batches": "calib:32 batches (LiteRT runs + statistics)",
+    }.get(k, k)
     body.append([label] + vals)
   body.append(["= export total"] + [f"{r['export_s']:.2f}" for r in qrows])
   return md_table(header, body)
@@ -460,10 +468,11 @@ def render(rows, srows, models, command, runs, warmup, total) -> str:
                       for r in tf_rows) + ".", ""]
   out += ["## Where qlite's export time goes (cold, seconds)", "",
           "Stages timed by wrapping qlite's own functions in the export "
-          "subprocess (`bench/_export_worker.py`); the calibration step is "
-          "compiled ahead of time there so trace+lower / XLA compile / batch "
-          "runs split exactly. `trace_jaxpr` runs once for calibration and "
-          "once again for export.", "",
+          "subprocess (`bench/_export_worker.py`). Calibration (default "
+          "engine) converts the float model with every boundary as an output "
+          "and runs the batches in LiteRT; export converts the fake-quant "
+          "model. `export:trace_jaxpr` is ~0 when calibration ran at the "
+          "export's shapes (the trace is reused).", "",
           profile_table(rows + srows), "",
           "## Peer export splits (seconds)", "", peer_parts_table(rows), ""]
   if srows:
