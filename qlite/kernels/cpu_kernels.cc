@@ -1,7 +1,7 @@
 // qlite CPU kernels behind jax.ffi (XLA typed FFI, api_version 4).
 //
-// Small-M integer matmuls with the weight stored [N, K] (contracting the last
-// dims), int32 accumulation, exact:
+// Integer matmuls with the weight stored [N, K] (contracting the last dims),
+// int32 accumulation, exact:
 //
 //   qlite_i8_dot_nk : a s8|s16[M, K] x w s8[N, K]            -> s32[M, T, N]
 //   qlite_i4_dot_nk : a s8|s16[M, K] x w u8[N, K/2] (packed)  -> s32[M, T, N]
@@ -150,23 +150,21 @@ QLITE_TGT void Rows4I8(const Problem& p, int64_t j, int8_t* buf,
       rows[c] = reinterpret_cast<const int8_t*>(p.w + (j + c) * p.k);
     return;
   }
-  const __m512i m4 = _mm512_set1_epi8(0x0F), s8 = _mm512_set1_epi8(8);
+  // per 64-value block: 32 bytes, low nibbles = values [0, 32), high
+  // nibbles = [32, 64); nibble n in [0, 16) -> (n ^ 8) - 8 in [-8, 8)
+  const __m256i m4 = _mm256_set1_epi8(0x0F), s8 = _mm256_set1_epi8(8);
   for (int c = 0; c < 4; ++c) {
     const uint8_t* src = p.w + (j + c) * (p.k / 2);
     int8_t* dst = buf + c * p.k;
-    for (int64_t kk = 0; kk < p.k; kk += 128) {   // 64 bytes: 2 blocks of 64
-      __m512i b = _mm512_loadu_si512(src + kk / 2);
-      // nibble n in [0, 16) -> (n ^ 8) - 8 in [-8, 8)
-      __m512i lo = _mm512_sub_epi8(
-          _mm512_xor_si512(_mm512_and_si512(b, m4), s8), s8);
-      __m512i hi = _mm512_sub_epi8(_mm512_xor_si512(
-          _mm512_and_si512(_mm512_srli_epi16(b, 4), m4), s8), s8);
-      // block q (32 bytes) holds values [64q, 64q+32) low, [64q+32, 64q+64) high
-      __m256i lo0 = _mm512_castsi512_si256(lo), hi0 = _mm512_castsi512_si256(hi);
-      __m256i lo1 = _mm512_extracti64x4_epi64(lo, 1);
-      __m256i hi1 = _mm512_extracti64x4_epi64(hi, 1);
-      _mm512_storeu_si512(dst + kk, _mm512_inserti64x4(_mm512_castsi256_si512(lo0), hi0, 1));
-      _mm512_storeu_si512(dst + kk + 64, _mm512_inserti64x4(_mm512_castsi256_si512(lo1), hi1, 1));
+    for (int64_t kk = 0; kk < p.k; kk += 64) {
+      __m256i b = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(src + kk / 2));
+      __m256i lo = _mm256_sub_epi8(
+          _mm256_xor_si256(_mm256_and_si256(b, m4), s8), s8);
+      __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(
+          _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), s8), s8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kk), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kk + 32), hi);
     }
     rows[c] = dst;
   }
@@ -254,8 +252,10 @@ bool SimdShapeOk(const Problem& p) {
   return p.int4 ? (tk % 64 == 0) : (tk % 32 == 0);
 }
 
-// 0: scalar, 1: AVX-512BW, 2: AVX-512 VNNI. QLITE_CPU_KERNELS_ISA=bw|scalar
-// caps it (for measuring the variants).
+// 0: scalar, 1: AVX-512BW (int16 form), 2: AVX-512 VNNI int16 form
+// (vpdpwssd), 3: VNNI u8 x s8 (vpdpbusd, int8 activations).
+// QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16 caps it (for measuring and
+// testing the variants).
 int Isa(const Problem& p) {
 #ifdef QLITE_X86
   if (!HasAvx512() || !SimdShapeOk(p)) return 0;
