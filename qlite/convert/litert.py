@@ -95,13 +95,13 @@ def convert_function(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct], *,
                      output_names: Sequence[str] | None = None,
                      num_outputs: int | None = None) -> bytes:
   """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out)."""
-  text = stablehlo_bytecode(fn, avals)
+  module = stablehlo_bytecode(fn, avals)
   if num_outputs is None:
     num_outputs = len(jax.eval_shape(fn, *avals))
   input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
   output_names = list(output_names or
                       [f"output_{i}" for i in range(num_outputs)])
-  return convert_stablehlo(text, input_names, output_names,
+  return convert_stablehlo(module, input_names, output_names,
                            quantized=quantized)
 
 

@@ -226,16 +226,19 @@ def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
   return dot(w)
 
 
+def _per_row_codes(x, qmax):
+  """Symmetric per-row (last axis) codes of ``x`` in ``[-qmax, qmax]`` (as
+  float) and their scale ``[..., 1]`` (1 for an all-zero row)."""
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  s = jnp.where(absmax > 0, absmax / qmax, 1.0).astype(jnp.float32)
+  return jnp.clip(jnp.round(x / s), -qmax, qmax), s
+
+
 def split_activation(x):
   """Returns ``(digits int8 [B, 2M, K], s1 [B, M, 1], s2 [B, M, 1])`` with
   ``x ~= s1 * digits[:, :M] + s2 * digits[:, M:]`` (per-row scales)."""
-  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  s1 = jnp.where(absmax > 0, absmax / 127.0, 1.0).astype(jnp.float32)
-  a1 = jnp.clip(jnp.round(x / s1), -127, 127)
-  r = x - a1 * s1
-  rmax = jnp.max(jnp.abs(r), axis=-1, keepdims=True)
-  s2 = jnp.where(rmax > 0, rmax / 127.0, 1.0).astype(jnp.float32)
-  a2 = jnp.clip(jnp.round(r / s2), -127, 127)
+  a1, s1 = _per_row_codes(x, 127.0)
+  a2, s2 = _per_row_codes(x - a1 * s1, 127.0)
   digits = jnp.concatenate([a1, a2], axis=1).astype(jnp.int8)
   return digits, s1, s2
 
@@ -410,9 +413,8 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
       # one int16 row per activation row (~80 dB below the signal at K=2048)
       amax = cpu_kernels.int16_act_max(x3.shape[-1] // tiles,
                                        4 if packed else 8)
-      absmax = jnp.max(jnp.abs(x3), axis=-1, keepdims=True)
-      s = jnp.where(absmax > 0, absmax / amax, 1.0).astype(jnp.float32)
-      a = jnp.clip(jnp.round(x3 / s), -amax, amax).astype(jnp.int16)
+      a, s = _per_row_codes(x3, float(amax))
+      a = a.astype(jnp.int16)
       return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
     if WEIGHT_ONLY_BF16_MIN_M is not None and m >= WEIGHT_ONLY_BF16_MIN_M:
       return _bf16_matmul(x3, w3, ws, tiles, nk, packed)
@@ -420,9 +422,8 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
     y = finish(_int_dot(digits, w3, tiles, nk, packed), 2 * m)
     return s1 * y[:, :m] + s2 * y[:, m:]
   if mode == "drq":
-    absmax = jnp.max(jnp.abs(x3), axis=-1, keepdims=True)
-    s = jnp.where(absmax > 0, absmax / 127.0, 1.0).astype(jnp.float32)
-    a = jnp.clip(jnp.round(x3 / s), -127, 127).astype(jnp.int8)
+    a, s = _per_row_codes(x3, 127.0)
+    a = a.astype(jnp.int8)
     if m == 1 and not _kernel_ok(b_, m, nk):
       # a second (zero) row keeps XLA:CPU on its fast route
       a = jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
