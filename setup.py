@@ -18,7 +18,8 @@ def _ffi_include():
 _inc = _ffi_include()
 _ext = [] if _inc is None else [Extension(
     "qlite.kernels._cpu_kernels", ["qlite/kernels/cpu_kernels.cc"],
-    depends=["qlite/kernels/cpu_kernels_avx512.inc"],
+    depends=["qlite/kernels/cpu_kernels_avx512.inc",
+             "qlite/kernels/cpu_kernels_gemm.inc"],
     include_dirs=[_inc], language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-Wno-return-type"],
     optional=True)]

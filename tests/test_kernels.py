@@ -91,7 +91,12 @@ _KERNEL_CASES = [
     (5, 512, 256, 8, 8), (16, 256, 64, 2, 8), (1, 512, 256, 1, 4),
     (2, 1024, 130, 4, 4), (7, 128, 12, 2, 4), (70, 256, 36, 1, 8),
     (13, 192, 20, 3, 8), (64, 512, 64, 2, 4), (9, 256, 8, 1, 4),
-    (5, 192, 12, 1, 4), (6, 64, 8, 1, 4)]
+    (5, 192, 12, 1, 4), (6, 64, 8, 1, 4),
+    # GEMM form (int8 activations from 16 rows, int16 from 128): a 32-byte
+    # K tail, partial 64-column panels, row tails, K tiles, int4, and a
+    # single panel whose rows are split over the threads
+    (17, 96, 70, 1, 8), (40, 256, 130, 4, 8), (33, 512, 100, 2, 4),
+    (130, 256, 64, 1, 8), (256, 2048, 40, 1, 8)]
 
 
 def _kernel_case(m, k, n, t, bits, act_dtype):
@@ -151,14 +156,20 @@ print("mismatches", bad)
 
 @pytest.mark.skipif(not cpu_kernels.available(),
                     reason="qlite CPU kernels not built")
-@pytest.mark.parametrize("isa", ["scalar", "bw", "vnni16"])
+@pytest.mark.parametrize("isa", ["scalar", "bw", "vnni16", "dot", "gemm"])
 def test_cpu_kernel_isa_variants_exact(isa):
   """Every instruction-set path (chosen once per process) gives the exact
-  int32 sums; the default (VNNI u8 where the CPU has it) runs above."""
+  int32 sums; the default (VNNI GEMM from 16 / 128 rows, VNNI dot forms
+  below) runs above. "dot" keeps the dot forms at every M; "gemm" takes
+  the GEMM form from 1 row on."""
   import os
   import subprocess
   import sys
-  env = dict(os.environ, QLITE_CPU_KERNELS_ISA=isa, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if isa == "gemm":
+    env["QLITE_CPU_KERNELS_GEMM_M"] = "1"
+  else:
+    env["QLITE_CPU_KERNELS_ISA"] = isa
   out = subprocess.run(
       [sys.executable, "-c", _ISA_SCRIPT.format(
           tests=os.path.dirname(__file__))],

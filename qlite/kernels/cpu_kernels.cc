@@ -49,13 +49,32 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Problem {
-  const int16_t* a;   // [M, K] (int8 activations are widened once per call)
+  const int16_t* a;   // [M, K] int16 (int8 activations are widened once per
+                      // call for the dot form), or null
   const uint8_t* au8; // [M, K] int8 activations + 128 (VNNI u8 path), or null
+  const int8_t* a8;   // [M, K] int8 activations (GEMM form), or null
+  const int32_t* asum;  // [M, T] sums of a8 per K tile (GEMM form)
   const uint8_t* w;   // [N, K] int8, or [N, K/2] packed int4
   int32_t* out;       // [M, T, N]
   int64_t m, k, n, t;
   bool int4;
 };
+
+// Activation rows from which the VNNI GEMM form (packed weight panels) is
+// used, for int8 and for int16 activations. Measured (CPU time per call,
+// 768 x 768 and 2048 x 2048 layers): int8 GEMM beats the dot form from 16
+// rows (M=16: 0.10 vs 0.13 ms; M=64: 0.19 vs 0.38 ms); the int16 panel is
+// twice the bytes to pack, so int16 only gains from 128-256 rows (M=128
+// 0.52 vs 0.60 ms, M=256 0.96 vs 1.18 ms). QLITE_CPU_KERNELS_GEMM_M
+// overrides both (for measuring and testing).
+const int64_t kGemmEnvM = [] {
+  const char* e = std::getenv("QLITE_CPU_KERNELS_GEMM_M");
+  return e == nullptr ? int64_t{0} : static_cast<int64_t>(std::atoll(e));
+}();
+int64_t GemmMinM(bool int8_act) {
+  if (kGemmEnvM > 0) return kGemmEnvM;
+  return int8_act ? 16 : 128;
+}
 
 // ---------------------------------------------------------------- scalar --
 inline int8_t Nibble(uint8_t byte, bool high) {
@@ -132,10 +151,20 @@ namespace bw {
 
 namespace vnni {
 #define QLITE_TGT __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define QLITE_MADD(acc, x, w) _mm512_dpwssd_epi32(acc, x, w)
+// vpdpwssd as inline asm: GCC 12's intrinsic form copies and spills the
+// accumulator around every instruction (measured ~2x slower).
+QLITE_TGT inline __m512i DpwssdAsm(__m512i acc, __m512i x, __m512i w) {
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+}
+#define QLITE_MADD(acc, x, w) DpwssdAsm(acc, x, w)
 #include "cpu_kernels_avx512.inc"
 #undef QLITE_TGT
 #undef QLITE_MADD
+
+#define QLITE_TGT __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#include "cpu_kernels_gemm.inc"
+#undef QLITE_TGT
 
 // int8 activations: vpdpbusd multiplies unsigned by signed bytes, 4 products
 // per int32 lane (twice the int16 form's rate). Activations are stored
@@ -150,22 +179,9 @@ QLITE_TGT void Rows4I8(const Problem& p, int64_t j, int8_t* buf,
       rows[c] = reinterpret_cast<const int8_t*>(p.w + (j + c) * p.k);
     return;
   }
-  // per 64-value block: 32 bytes, low nibbles = values [0, 32), high
-  // nibbles = [32, 64); nibble n in [0, 16) -> (n ^ 8) - 8 in [-8, 8)
-  const __m256i m4 = _mm256_set1_epi8(0x0F), s8 = _mm256_set1_epi8(8);
   for (int c = 0; c < 4; ++c) {
-    const uint8_t* src = p.w + (j + c) * (p.k / 2);
     int8_t* dst = buf + c * p.k;
-    for (int64_t kk = 0; kk < p.k; kk += 64) {
-      __m256i b = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(src + kk / 2));
-      __m256i lo = _mm256_sub_epi8(
-          _mm256_xor_si256(_mm256_and_si256(b, m4), s8), s8);
-      __m256i hi = _mm256_sub_epi8(_mm256_xor_si256(
-          _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), s8), s8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kk), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kk + 32), hi);
-    }
+    UnpackI4Row(p.w + (j + c) * (p.k / 2), dst, p.k);
     rows[c] = dst;
   }
 }
@@ -253,25 +269,29 @@ bool SimdShapeOk(const Problem& p) {
 }
 
 // 0: scalar, 1: AVX-512BW (int16 form), 2: AVX-512 VNNI int16 form
-// (vpdpwssd), 3: VNNI u8 x s8 (vpdpbusd, int8 activations).
-// QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16 caps it (for measuring and
-// testing the variants).
-int Isa(const Problem& p) {
+// (vpdpwssd), 3: VNNI u8 x s8 (vpdpbusd, int8 activations), 4: VNNI GEMM
+// form (packed weight panels; int8 or int16 activations, M >= GemmMinM).
+// QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16|dot caps it (for measuring and
+// testing the variants; "dot" = up to 3).
+int Isa(const Problem& p, bool int8_act) {
 #ifdef QLITE_X86
   if (!HasAvx512() || !SimdShapeOk(p)) return 0;
   static const int cap = [] {
     const char* e = std::getenv("QLITE_CPU_KERNELS_ISA");
-    if (e == nullptr) return 3;
+    if (e == nullptr) return 4;
     if (std::strcmp(e, "scalar") == 0) return 0;
     if (std::strcmp(e, "bw") == 0) return 1;
     if (std::strcmp(e, "vnni16") == 0) return 2;
-    return 3;
+    if (std::strcmp(e, "dot") == 0) return 3;
+    return 4;
   }();
+  if (!HasVnni()) return std::min(cap, 1);
+  if (p.m >= GemmMinM(int8_act) && cap == 4) return 4;
   // u8 x s8 needs the weight row sums (one more pass over each weight
   // block): below 4 rows the int16 form is faster (2048 x 2048, M=1: 0.16
   // vs 0.19 ms; M=8: 0.44 vs 0.29 ms).
-  const bool u8 = p.au8 != nullptr && (p.k / p.t) % 64 == 0 && p.m >= 4;
-  return std::min(cap, HasVnni() ? (u8 ? 3 : 2) : 1);
+  const bool u8 = int8_act && (p.k / p.t) % 64 == 0 && p.m >= 4;
+  return std::min(cap, u8 ? 3 : 2);
 #else
   return 0;
 #endif
@@ -279,6 +299,7 @@ int Isa(const Problem& p) {
 
 void Range(const Problem& p, int isa, int64_t n0, int64_t n1) {
 #ifdef QLITE_X86
+  if (isa == 4) return vnni::RangeGemm(p, n0, n1);
   if (isa == 3) return vnni::RangeU8(p, n0, n1);
   if (isa == 2) return vnni::RangeAvx512(p, n0, n1);
   if (isa == 1) return bw::RangeAvx512(p, n0, n1);
@@ -287,40 +308,65 @@ void Range(const Problem& p, int isa, int64_t n0, int64_t n1) {
 }
 
 // Runs Range over [0, N) split in chunks over the pool (the caller takes the
-// first chunk) and waits for all of them.
-void Run(const Problem& p, ffi::ThreadPool& pool) {
-  const int isa = Isa(p);
+// first chunk) and waits for all of them. Chunks split N (multiples of 4, or
+// of a 64-column panel in the GEMM form); a GEMM with fewer panels than
+// threads splits its rows instead.
+void Run(const Problem& p, int isa, ffi::ThreadPool& pool) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t align = isa == 4 ? 64 : 4;
 
-  // At least ~1 MiB of weight bytes (x activation rows / 4) per chunk;
-  // chunk boundaries multiple of 4.
+  // At least ~1 MiB of weight bytes (x activation rows / 4) per chunk.
   const int64_t row_bytes = p.int4 ? p.k / 2 : p.k;
   int64_t by_size = std::max<int64_t>(
       1, (p.n * row_bytes * std::max<int64_t>(1, p.m / 4)) >> 20);
   int64_t chunks = std::min<int64_t>(threads, by_size);
-  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, p.n / 4));
+  const bool split_m = isa == 4 && (p.n + align - 1) / align < chunks &&
+                       p.m >= 32;
+  if (!split_m)
+    chunks = std::max<int64_t>(
+        1, std::min<int64_t>(chunks, (p.n + align - 1) / align));
   if (chunks <= 1) {
     Range(p, isa, 0, p.n);
     return;
   }
-  const int64_t per = ((p.n + chunks - 1) / chunks + 3) / 4 * 4;
+  // chunk c as its own problem: a column range, or a row range (sub-problem
+  // with the activations / sums / outputs offset)
+  std::vector<Problem> parts;
+  std::vector<std::pair<int64_t, int64_t>> cols;
+  if (split_m) {
+    const int64_t per = (p.m + chunks - 1) / chunks;
+    for (int64_t m0 = 0; m0 < p.m; m0 += per) {
+      Problem q = p;
+      q.m = std::min(per, p.m - m0);
+      if (q.a) q.a += m0 * p.k;
+      if (q.a8) q.a8 += m0 * p.k;
+      if (q.asum) q.asum += m0 * p.t;
+      q.out += m0 * p.t * p.n;
+      parts.push_back(q);
+      cols.emplace_back(0, p.n);
+    }
+  } else {
+    const int64_t per = ((p.n + chunks - 1) / chunks + align - 1) / align * align;
+    for (int64_t n0 = 0; n0 < p.n; n0 += per) {
+      parts.push_back(p);
+      cols.emplace_back(n0, std::min(p.n, n0 + per));
+    }
+  }
   std::mutex mu;
   std::condition_variable cv;
   int64_t pending = 0;
-  for (int64_t c = 1; c < chunks; ++c) {
-    int64_t n0 = c * per, n1 = std::min(p.n, n0 + per);
-    if (n0 >= n1) continue;
+  for (size_t c = 1; c < parts.size(); ++c) {
     {
       std::lock_guard<std::mutex> l(mu);
       ++pending;
     }
-    pool.Schedule([&, n0, n1] {
-      Range(p, isa, n0, n1);
+    pool.Schedule([&, c] {
+      Range(parts[c], isa, cols[c].first, cols[c].second);
       std::lock_guard<std::mutex> l(mu);
       if (--pending == 0) cv.notify_all();
     });
   }
-  Range(p, isa, 0, std::min(p.n, per));
+  Range(parts[0], isa, cols[0].first, cols[0].second);
   std::unique_lock<std::mutex> l(mu);
   cv.wait(l, [&] { return pending == 0; });
 }
@@ -342,12 +388,31 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
   if (tiles < 1 || p.k % tiles || wd[1] != wk || (int4 && p.k % 64) ||
       od[0] != p.m || od[1] != tiles || od[2] != p.n)
     return ffi::Error::InvalidArgument("qlite dot: shape mismatch");
+  const bool int8_act = a.element_type() == ffi::DataType::S8;
+  if (!int8_act && a.element_type() != ffi::DataType::S16)
+    return ffi::Error::InvalidArgument("qlite dot: activations must be s8 or s16");
+  const int isa = Isa(p, int8_act);
   std::vector<int16_t> a16;
   std::vector<uint8_t> au8;
+  std::vector<int32_t> asum;
+  p.a = nullptr;
   p.au8 = nullptr;
-  if (a.element_type() == ffi::DataType::S16) {
+  p.a8 = nullptr;
+  p.asum = nullptr;
+  if (!int8_act) {
     p.a = reinterpret_cast<const int16_t*>(a.untyped_data());
-  } else if (a.element_type() == ffi::DataType::S8) {
+  } else if (isa == 4) {
+    // GEMM form: the int8 rows as they are, plus their sums per K tile
+    p.a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
+    asum.resize(p.m * p.t);
+    const int64_t tk = p.k / p.t;
+    for (int64_t i = 0; i < p.m * p.t; ++i) {
+      int32_t s = 0;
+      for (int64_t kk = 0; kk < tk; ++kk) s += p.a8[i * tk + kk];
+      asum[i] = s;
+    }
+    p.asum = asum.data();
+  } else {
     const int8_t* a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
     a16.assign(a8, a8 + p.m * p.k);   // scalar / int16 paths and the tails
     p.a = a16.data();
@@ -355,12 +420,10 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
     for (int64_t i = 0; i < p.m * p.k; ++i)
       au8[i] = static_cast<uint8_t>(a8[i]) ^ 0x80;
     p.au8 = au8.data();
-  } else {
-    return ffi::Error::InvalidArgument("qlite dot: activations must be s8 or s16");
   }
   p.w = reinterpret_cast<const uint8_t*>(w.untyped_data());
   p.out = reinterpret_cast<int32_t*>(out->untyped_data());
-  Run(p, pool);
+  Run(p, isa, pool);
   return ffi::Error::Success();
 }
 
