@@ -73,3 +73,44 @@ def test_unhashable_module_is_traced_every_time():
   mf = model_function(m, v)
   assert mf.cache_key is None
   assert graph_lib.trace(mf, (x,)) is not graph_lib.trace(mf, (x,))
+
+
+class Folded(nn.Module):
+  """A param-only chain (BatchNorm-style scale folded into the kernel)."""
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param("k", nn.initializers.normal(), (3, 4))
+    g = self.param("g", nn.initializers.ones, (4,))
+    return x @ (k * (g / np.sqrt(2.0)))
+
+
+def _folded_values(variables, batch):
+  x = np.ones((batch, 3), np.float32)
+  g = graph_lib.trace(model_function(Folded(), variables), (x,))
+  flat = jax.tree_util.tree_leaves(variables)
+  return graph_lib.fold_static(g, flat)
+
+
+def test_fold_static_shares_the_compile_across_batch_sizes():
+  graph_lib._FOLD_CACHE.clear()
+  v = Folded().init(jax.random.key(0), np.ones((1, 3), np.float32))
+  f1 = _folded_values(v, 8)
+  assert len(graph_lib._FOLD_CACHE) == 1
+  fn = next(iter(graph_lib._FOLD_CACHE.values()))
+  f2 = _folded_values(v, 1)                 # other shapes: same static part
+  assert len(graph_lib._FOLD_CACHE) == 1
+  assert next(iter(graph_lib._FOLD_CACHE.values())) is fn
+  assert f1.keys() == f2.keys()
+  for key in f1:
+    np.testing.assert_array_equal(f1[key], f2[key])
+  want = np.asarray(v["params"]["k"]) * (np.asarray(v["params"]["g"])
+                                         / np.sqrt(2.0))
+  (prod,) = [key for key in f1 if f1[key].shape == (3, 4)
+             and np.allclose(f1[key], want, rtol=1e-6)
+             and not np.allclose(f1[key], v["params"]["k"])]
+  # the shared compile still reads the params it is given
+  v2 = jax.tree_util.tree_map(lambda a: a * 3.0, v)
+  f3 = _folded_values(v2, 1)
+  assert len(graph_lib._FOLD_CACHE) == 1
+  np.testing.assert_allclose(f3[prod], 9.0 * want, rtol=1e-5)
