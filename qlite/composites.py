@@ -7,6 +7,8 @@ int8 kernels (``odml.softmax`` -> SOFTMAX, ``aten.gelu.default`` -> GELU).
 Their decomposition is the original function, so the numbers in JAX do not
 change; the plan sees one op instead of a dozen float primitives.
 ``jax.nn.leaky_relu`` traces as the identical ``max(x, slope * x)``.
+2x bilinear ``jax.image.resize`` of NHWC images traces as
+``odml.upsample_bilinear2d`` (-> one RESIZE_BILINEAR).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def _softmax_last(v):
   return _ORIGINALS["softmax"](v, axis=-1)
 
 
+_BILINEAR = "odml.upsample_bilinear2d"
+
 # Composites qlite emits, rebuilt from their attributes (for vmap).
 _REBUILD = {
     "odml.softmax": lambda attrs: (_softmax_last, {}),
@@ -48,10 +52,13 @@ def _composite_batching_rule(args, dims, *, name, attributes, jaxpr, version,
                              **_):
   """vmap of qlite's rank-polymorphic composites (softmax over the last axis,
   gelu): move the batch axis to the front and emit the composite again."""
-  if name not in _REBUILD or len(args) != 1:
+  if name not in _REBUILD and name != _BILINEAR or len(args) != 1:
     raise NotImplementedError(f"qlite: no batching rule for composite {name}")
   (x,), (d,) = args, dims
   x = jnp.moveaxis(x, d, 0) if d is not None else x
+  if name == _BILINEAR:   # NHWC only: fold the vmapped axis into N
+    y = _bilinear_composite(x.reshape((-1,) + x.shape[2:]))
+    return [y.reshape(x.shape[:2] + y.shape[1:])], [0]
   fn, attrs = _REBUILD[name](dict(attributes))
   return [jax.lax.composite(fn, name=name)(x, **attrs)], [0]
 
@@ -95,10 +102,34 @@ def _pool_1d_as_2d(name):
   return pool
 
 
+def _bilinear_2x(image):
+  """jax's half-pixel bilinear 2x upsampling of an NHWC image, written as
+  nearest 2x + edge pad + a fixed depthwise [1,2,1]x[1,2,1]/16 kernel
+  (identical numbers: each output is 3/4 of its nearest input plus 1/4 of
+  the next one towards it, per axis, clamped at the edges)."""
+  n, h, w, c = image.shape
+  up = _ORIGINALS["resize"](image, (n, 2 * h, 2 * w, c), "nearest")
+  up = jnp.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+  # The kernel is computed from an iota, not held as an array constant: a
+  # composite passes its decomposition's array constants as extra leading
+  # operands, and the converter's RESIZE_BILINEAR pattern matches only a
+  # composite with the image as its one operand.
+  k1 = 0.5 - 0.25 * jnp.abs(jax.lax.iota(image.dtype, 3) - 1.0)  # 1,2,1 / 4
+  kernel = jnp.broadcast_to((k1[:, None] * k1[None, :])[:, :, None, None],
+                            (3, 3, 1, c))
+  return jax.lax.conv_general_dilated(
+      up, kernel, (1, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
 def _resize(image, shape, method, antialias=True, precision=None, **kw):
-  """2x bilinear upsampling of NHWC images as nearest 2x + edge pad + a
-  fixed depthwise [1,2,1]x[1,2,1]/16 kernel (identical numbers; LiteRT gets
-  RESIZE_NEAREST_NEIGHBOR + DEPTHWISE_CONV_2D instead of float matmuls)."""
+  """2x bilinear upsampling of NHWC images as an ``odml.upsample_bilinear2d``
+  composite, which the LiteRT converter lowers to one RESIZE_BILINEAR
+  (half_pixel_centers, the same numbers as jax's bilinear: both clamp at the
+  edges). Its decomposition is :func:`_bilinear_2x`, so the numbers in JAX
+  do not change. The converter reads the output size from the ``size``
+  attribute (i64[2]); without it (e.g. ai-edge-torch's ``output``) it
+  crashes. ``is_nchw_op`` is left out: NHWC is the default layout."""
   original = _ORIGINALS["resize"]
   args = dict(antialias=antialias, **kw)
   if precision is not None:
@@ -106,19 +137,19 @@ def _resize(image, shape, method, antialias=True, precision=None, **kw):
   name = getattr(method, "name", str(method)).lower()
   shape = tuple(int(d) for d in shape)
   ok = (name in ("bilinear", "linear") and getattr(image, "ndim", 0) == 4
+        and jnp.issubdtype(image.dtype, jnp.floating)
         and shape[0] == image.shape[0] and shape[3] == image.shape[3]
         and shape[1] == 2 * image.shape[1] and shape[2] == 2 * image.shape[2]
         and not _batched(image))
   if not ok:
     return original(image, shape, method, **args)
-  up = original(image, shape, "nearest")
-  up = jnp.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-  c = image.shape[3]
-  k1 = np.array([1.0, 2.0, 1.0], np.float32) / 4.0
-  kernel = np.tile(np.outer(k1, k1)[:, :, None, None], (1, 1, 1, c))
-  return jax.lax.conv_general_dilated(
-      up, jnp.asarray(kernel, image.dtype), (1, 1), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+  return _bilinear_composite(image)
+
+
+def _bilinear_composite(image):
+  h, w = image.shape[1:3]
+  return jax.lax.composite(lambda v, **_: _bilinear_2x(v), name=_BILINEAR)(
+      image, size=np.array([2 * h, 2 * w], np.int64), align_corners=False)
 
 
 _REPLACEMENTS = {"softmax": _softmax, "gelu": _gelu, "leaky_relu": _leaky_relu,
