@@ -46,12 +46,13 @@ FIXED_RANGE = {
 # Ops whose LiteRT int8 kernels read every activation input at the output's
 # scale and zero point: CONCATENATION, PAD, MAXIMUM / MINIMUM of two tensors
 # (max / min with a constant are relu clamps or take a quantized constant)
-# and AVERAGE_POOL_2D (reduce_window_sum scaled by a constant). Where the
+# and AVERAGE_POOL_2D (reduce_window_sum scaled by a constant), and
+# RESIZE_BILINEAR (the odml.upsample_bilinear2d composite). Where the
 # scales differ the converter inserts a requantize (an int8 -> int8
 # QUANTIZE) or moves the producer's output scale away from its boundary; the
 # plan gives such an op and the boundaries feeding it one shared range.
 SAME_SCALE = frozenset({"concatenate", "pad", "max", "min",
-                        "reduce_window_sum"})
+                        "reduce_window_sum", "odml.upsample_bilinear2d"})
 
 # A reduction followed by a division / multiplication by a constant is one
 # LiteRT op (MEAN, AVERAGE_POOL_2D): no boundary in between, constant left
