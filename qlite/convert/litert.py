@@ -52,12 +52,13 @@ def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
                           f"{type(e).__name__}: {e}") from e
 
 
-def convert_stablehlo(module: bytes | str, input_names: Sequence[str],
+def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
                       output_names: Sequence[str], *, quantized: bool) -> bytes:
   """Converts a StableHLO module to ``.tflite`` flatbuffer bytes.
 
   ``module``: a portable artifact (bytes, :func:`stablehlo_bytecode`) or
-  module text (str, :func:`stablehlo_text`). ``quantized`` selects the
+  module text (str, :func:`stablehlo_text`), or a one-item list holding
+  either (the item is taken out and freed as soon as it is parsed). ``quantized`` selects the
   converter's strict static QDQ mode (the ``quant.fake_quant`` composites
   become int8 tensors).
   Raises:
@@ -66,12 +67,19 @@ def convert_stablehlo(module: bytes | str, input_names: Sequence[str],
   from litert_converter import _stablehlo
   from litert_converter import converter_api_ext as capi
   from litert_converter.mlir import ir, passmanager
+  # A one-item list hands the caller's only reference over, so the
+  # serialized module is freed once deserialized (convert_function: 1x the
+  # weight bytes less at the converter's peak).
+  if isinstance(module, list):
+    module = module.pop()
   ctx = ir.Context()
   capi.prepare_mlir_context(ctx)
   try:
     with ctx:
       if isinstance(module, (bytes, bytearray)):
-        module = _stablehlo.deserialize_portable_artifact(ctx, bytes(module))
+        data, module = module, None
+        module = _stablehlo.deserialize_portable_artifact(ctx, bytes(data))
+        del data
       else:
         module = ir.Module.parse(module)
       capi.set_signature(module.operation, SIGNATURE, list(input_names),
@@ -95,14 +103,13 @@ def convert_function(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct], *,
                      output_names: Sequence[str] | None = None,
                      num_outputs: int | None = None) -> bytes:
   """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out)."""
-  module = stablehlo_bytecode(fn, avals)
   if num_outputs is None:
     num_outputs = len(jax.eval_shape(fn, *avals))
   input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
   output_names = list(output_names or
                       [f"output_{i}" for i in range(num_outputs)])
-  return convert_stablehlo(module, input_names, output_names,
-                           quantized=quantized)
+  return convert_stablehlo([stablehlo_bytecode(fn, avals)], input_names,
+                           output_names, quantized=quantized)
 
 
 def set_int8_io(blob: bytes) -> bytes:
