@@ -95,12 +95,14 @@ def _litert_calibration_step(qm, provider, graph, plan):
                                  num_outputs=len(bounds))
   runner = TFLiteRunner(blob)
   pct = [provider.needs_percentiles(b) for b in bounds]
+  hist = [provider.needs_histogram(b) for b in bounds]
 
   def step(flat_args):
     outs = runner.run(*[np.asarray(a) for a in flat_args])
     provider.record(plan, {
-        b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p)
-        for b, o, p in zip(bounds, outs, pct)})
+        b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p,
+                                       with_histogram=h)
+        for b, o, p, h in zip(bounds, outs, pct, hist)})
   return step
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from qlite import op_table
 from qlite.graph import Graph, Lit, Node, bind
-from qlite.core import calibration, numerics
+from qlite.core import calibration, numerics, qtypes
 from qlite.core.stats import QuantStats
 from qlite.errors import CalibrationError
 from qlite.rules import QuantizationRule, RuleMatcher
@@ -449,9 +449,13 @@ def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
         f"same model and rules (qlite.calibrate) and pass those stats")
   method = b.rule.act_calibration_method or stats.meta.get("method",
                                                            "minmax")
+  qt = qtypes.get_qtype(b.rule.act_qtype)
+  if qt.kind != qtypes.INT and method == "mse":
+    method = "minmax"     # its noise model is that of a uniform int grid
   return calibration.activation_range(
       stats[b.key], method, aggregation=b.rule.act_aggregation,
-      fixed_range=b.rule.act_fixed_range)
+      fixed_range=b.rule.act_fixed_range, levels=int(qt.qmax - qt.qmin),
+      name=b.key)
 
 
 def boundary_range(b, stats: QuantStats | None) -> tuple[float, float]:

@@ -161,7 +161,7 @@ def test_float_export_is_bigger_and_float(digits_data, digits_trained,
                              rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
 def test_litert_and_xla_calibration_engines_agree(method):
   from qlite.zoo import registry
   zm = registry.get("transformer/linen")
@@ -178,6 +178,10 @@ def test_litert_and_xla_calibration_engines_agree(method):
       np.testing.assert_allclose(a[stat], b[stat], rtol=1e-3, atol=1e-4,
                                  err_msg=f"{key} {stat}")
     assert int(a["count"]) == int(b["count"])
+    for stat in ("hist_pos", "hist_neg"):
+      assert (stat in a) == (stat in b) == (method == "mse")
+      if method == "mse":   # a float ulp may move a value across a bin edge
+        assert np.abs(a[stat] - b[stat]).sum() <= 1e-3 * int(a["count"])
 
 
 def test_unknown_calibration_engine(digits_trained, int8_rules, digits_data):
@@ -185,3 +189,25 @@ def test_unknown_calibration_engine(digits_trained, int8_rules, digits_data):
   with pytest.raises(qlite.CalibrationError, match="engine.*'tpu'"):
     qlite.calibrate(model, int8_rules, digits_data.batches(32, 1),
                     variables=variables, engine="tpu")
+
+
+def test_mse_ranges_raise_transformer_sqnr_and_stay_full_integer():
+  """method="mse" (MSE-optimal clipping from the calibration histograms) on
+  the zoo's NNX transformer: measured 27.1 dB with min/max, 28.2 with mse
+  (same 32 rows, LiteRT vs float); still full-integer."""
+  from qlite.zoo import registry
+  zm = registry.get("transformer/nnx")
+  rules = [qlite.QuantizationRule()]
+  rows = np.concatenate(zm.batches[:4])
+  ref = np.stack([np.asarray(zm.apply(rows[i:i + 1])) for i in range(len(rows))])
+  got = {}
+  for method in ("minmax", "mse"):
+    stats = qlite.calibrate(zm.model, rules, zm.batches, method=method,
+                            progress=False)
+    assert stats.meta["method"] == method
+    blob = qlite.export_tflite(zm.model, rules, stats, zm.example_args)
+    assert qlite.inspect_tflite(blob).full_integer
+    lite = np.stack([run_tflite_batched(blob, rows[i:i + 1])
+                     for i in range(len(rows))])
+    got[method] = sqnr_db(ref, lite)
+  assert got["mse"] >= got["minmax"] + 0.8, got

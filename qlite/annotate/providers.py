@@ -64,13 +64,16 @@ class CalibrationProvider(_PlannedProvider):
     if id(graph) not in self._steps:
       need_pct = {b.var for b in plan.boundaries.values()
                   if self.needs_percentiles(b)}
+      need_hist = {b.var for b in plan.boundaries.values()
+                   if self.needs_histogram(b)}
       def step(flat_params, flat_args):
         stats = {}
         def on_value(var, val):
           b = plan.boundaries.get(var)
           if b is not None and b.fixed_range is None:
             stats[b.key] = calibration.batch_stats(
-                val, with_percentiles=var in need_pct)
+                val, with_percentiles=var in need_pct,
+                with_histogram=var in need_hist)
           return val
         outs = graph_lib.evaluate(graph, flat_params, flat_args,
                                   on_value=on_value)
@@ -86,6 +89,11 @@ class CalibrationProvider(_PlannedProvider):
   def needs_percentiles(self, b) -> bool:
     return ((b.rule.act_calibration_method or self.method) == "percentile"
             or b.rule.act_aggregation == "percentile")
+
+  def needs_histogram(self, b) -> bool:
+    """True when boundary ``b``'s range method reads the histograms."""
+    return calibration.needs_histogram(b.rule.act_calibration_method
+                                       or self.method)
 
   def record(self, plan: Plan, stats: dict) -> None:
     """Aggregates one batch's ``{key: batch_stats}`` into the records.
