@@ -91,7 +91,9 @@ def _litert_calibration_step(qm, provider, graph, plan):
     return graph_lib.evaluate(sub, flat_params, flat_args, preset=folded)
   avals = [jax.ShapeDtypeStruct(graph.avals[v].shape, graph.avals[v].dtype)
            for v in graph.arg_vars]
-  blob = litert.convert_function(fn, avals, quantized=False,
+  holder = [fn]   # handed over: the folded weights go before conversion
+  del fn
+  blob = litert.convert_function(holder, avals, quantized=False,
                                  num_outputs=len(bounds))
   runner = TFLiteRunner(blob)
   pct = [provider.needs_percentiles(b) for b in bounds]
@@ -246,7 +248,9 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
                          f"io_dtype='float32'")
   avals = [jax.ShapeDtypeStruct(graph.avals[v].shape, graph.avals[v].dtype)
            for v in graph.arg_vars]
-  blob = litert.convert_function(fn, avals, quantized=True,
+  holder = [fn]   # handed over: the folded weights go before conversion
+  del fn
+  blob = litert.convert_function(holder, avals, quantized=True,
                                  num_outputs=len(graph.out_vars))
   info = inspect_lib.inspect_tflite(blob)
   if strict and not info.full_integer:

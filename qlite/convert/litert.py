@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import tempfile
 from typing import Callable, Sequence
@@ -98,18 +100,50 @@ def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
                           f"{e}") from e
 
 
-def convert_function(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct], *,
-                     quantized: bool, input_names: Sequence[str] | None = None,
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+  try:
+    return ctypes.CDLL(None).malloc_trim   # glibc
+  except (AttributeError, OSError):
+    return None
+
+
+def release_heap() -> None:
+  """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op
+  elsewhere). jax.export and the converter allocate from several threads'
+  heaps, and memory they free stays in those heaps unless trimmed; trimming
+  between the stages lowered the peak RSS of a 64 MiB model's export from
+  ~4.2x to ~2.6x its weight bytes (``bench/odml.py`` scaling rows)."""
+  trim = _malloc_trim()
+  if trim is not None:
+    trim(0)
+
+
+def convert_function(fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct],
+                     *, quantized: bool,
+                     input_names: Sequence[str] | None = None,
                      output_names: Sequence[str] | None = None,
                      num_outputs: int | None = None) -> bytes:
-  """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out)."""
+  """Returns the ``.tflite`` bytes of ``fn`` (flat arrays in, flat out).
+
+  ``fn`` may come in a one-item list: it is taken out and dropped once the
+  module is serialized, so the constants it holds (e.g. folded weights) are
+  freed before the converter's peak memory."""
+  if isinstance(fn, list):
+    fn = fn.pop()
   if num_outputs is None:
     num_outputs = len(jax.eval_shape(fn, *avals))
   input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
   output_names = list(output_names or
                       [f"output_{i}" for i in range(num_outputs)])
-  return convert_stablehlo([stablehlo_bytecode(fn, avals)], input_names,
-                           output_names, quantized=quantized)
+  module = [stablehlo_bytecode(fn, avals)]
+  del fn
+  release_heap()
+  try:
+    return convert_stablehlo(module, input_names, output_names,
+                             quantized=quantized)
+  finally:
+    release_heap()
 
 
 def set_int8_io(blob: bytes) -> bytes:
