@@ -12,10 +12,13 @@ dims) and int32 accumulation (exact, bit-identical to XLA's int8 dot):
 int16 activations serve weight-only dots; :func:`int16_act_max` gives the
 largest magnitude whose sums cannot overflow int32. They exist because
 XLA:CPU's int8 dot at small M is compute-bound (it repacks the weight every
-call: ~1 ms per 2048 x 2048 layer, slower than streaming the f32 weight),
-while these read every weight byte once per call; at larger M the VNNI
-form (``vpdpbusd``, 4 byte products per int32 lane) beats XLA's int8 dot
-(MLP layer 2048 x 2048, M=64: 1.46 ms vs 2.17 ms, f32 2.59 ms).
+call: ~1 ms per 2048 x 2048 layer, slower than streaming the f32 weight)
+and reaches only ~1.2x f32 at larger M. Below 16 (int8) / 128 (int16)
+activation rows the kernel reads every weight byte once per call (a dot
+form with horizontal sums); from there on it repacks the weight per call
+into 64-column VNNI panels and runs a GEMM form (activations broadcast, no
+horizontal sums) at ~4x (int8) / ~2x (int16) f32. Figures and the reasons
+for each path: ``docs/xla_cpu_paths.md`` and ``python bench/xla_ptq.py``.
 
 The extension is built by ``pip install -e .`` (``setup.py``); when it is
 missing (or the backend is not CPU) :func:`available` is False and callers
@@ -35,10 +38,8 @@ __all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
            "int4_packable", "int16_act_max", "MAX_M"]
 
 # Largest M (activation rows of one dot) routed to the kernel; above it XLA
-# (YNNPACK) is used. Measured per layer (2048 x 2048, int8 activations,
-# `python bench/xla_ptq.py` micro table): the kernel wins at every M up to
-# 128 rows (M=128: 2.73 ms vs XLA int8 4.10 ms); the row blocks reuse each
-# weight block from L1, so larger M keeps the same per-row cost.
+# (YNNPACK) is used. The GEMM form keeps the same per-row cost at any M
+# (the `python bench/xla_ptq.py` micro table has M = 1, 64 and 512).
 MAX_M = 4096
 
 

@@ -15,9 +15,15 @@
 //
 // Why: XLA:CPU's int8 dot at M <= 8 is compute-bound (~1 ms for a 2048 x
 // 2048 layer, it repacks the weight every call), while the layer only has to
-// stream 4 MiB (int8) / 2 MiB (int4) of weights. These kernels read each
-// weight byte once per call, unpack int4 nibbles in registers and split the
-// N range over XLA's intra-op thread pool.
+// stream 4 MiB (int8) / 2 MiB (int4) of weights, and at larger M it reaches
+// only ~1.2x f32. Two forms:
+//   dot form (cpu_kernels_avx512.inc, small M): each weight byte read once
+//     per call, int4 nibbles unpacked in registers, one accumulator per
+//     (row, output) reduced horizontally;
+//   GEMM form (cpu_kernels_gemm.inc, M >= 16 int8 / 128 int16 rows): the
+//     weight repacked per call into 64-column VNNI panels, activations
+//     broadcast, 16 outputs per accumulator.
+// Both split N (or, for one panel, M) over XLA's intra-op thread pool.
 //
 // int4 packing (see qlite/kernels/cpu.py: pack_int4_nk): per row, in blocks
 // of 64 values along K, byte i (0..31) of the block holds value i in its low
