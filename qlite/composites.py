@@ -9,6 +9,8 @@ change; the plan sees one op instead of a dozen float primitives.
 ``jax.nn.leaky_relu`` traces as the identical ``max(x, slope * x)``.
 2x bilinear ``jax.image.resize`` of NHWC images traces as
 ``odml.upsample_bilinear2d`` (-> one RESIZE_BILINEAR).
+Flax LayerNorm (Linen and NNX) traces as ``x * m + (bias - mean * m)``
+(:mod:`qlite.layernorm`: fewer full-size int8 requantizations).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as _linen
 from jax._src.interpreters import batching as _batching
+
+from qlite import layernorm as _layernorm
 
 _ORIGINALS = {"softmax": jax.nn.softmax, "gelu": jax.nn.gelu,
               "leaky_relu": jax.nn.leaky_relu,
@@ -160,7 +164,7 @@ _REPLACEMENTS = {"softmax": _softmax, "gelu": _gelu, "leaky_relu": _leaky_relu,
 @contextlib.contextmanager
 def traced_as_composites():
   """Within the block, softmax / gelu aliases in jax / flax modules trace as
-  composites."""
+  composites, and flax LayerNorm in qlite's int8-friendly form."""
   from jax._src.lax import lax as lax_internal
   composite_p = lax_internal.composite_p
   table = _batching.fancy_primitive_batchers
@@ -176,7 +180,8 @@ def traced_as_composites():
         patched.append((mod, attr, original))
         setattr(mod, attr, _REPLACEMENTS[attr])
   try:
-    yield
+    with _layernorm.traced_in_int8_form():
+      yield
   finally:
     for mod, attr, original in patched:
       setattr(mod, attr, original)
