@@ -142,7 +142,7 @@ def test_layernorm_form_raises_zoo_sqnr_full_integer(name, gain,
   assert after.full_integer, "\n".join(after.float_ops)
   assert after.sqnr_db >= before.sqnr_db + gain, (before.sqnr_db,
                                                   after.sqnr_db)
-  # 5 LayerNorms: one SUB (x - mean) and one per-LayerNorm RESHAPE fewer
-  # ... and one MUL more (x * m and mean * m instead of (x - mean) * mul)
+  # 5 LayerNorms, each one MUL more (x * m and mean * m instead of
+  # (x - mean) * mul) and two RESHAPEs fewer: 113 -> 108 ops (transformer)
   assert after.ops["MUL"] == before.ops["MUL"] + 5
   assert sum(after.ops.values()) < sum(before.ops.values())
