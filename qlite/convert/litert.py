@@ -30,7 +30,8 @@ def stablehlo_bytecode(fn: Callable,
     ConversionError: ``jax.export`` failed (e.g. a non-array value).
   """
   try:
-    return bytes(jax.export.export(jax.jit(fn))(*avals).mlir_module_serialized)
+    return bytes(jax.export.export(jax.jit(fn, keep_unused=True))(
+        *avals).mlir_module_serialized)
   except QliteError:
     raise
   except Exception as e:
@@ -55,14 +56,17 @@ def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
 
 
 def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
-                      output_names: Sequence[str], *, quantized: bool) -> bytes:
+                      output_names: Sequence[str], *, quantized: bool,
+                      weights: Sequence[np.ndarray] = ()) -> bytes:
   """Converts a StableHLO module to ``.tflite`` flatbuffer bytes.
 
   ``module``: a portable artifact (bytes, :func:`stablehlo_bytecode`) or
   module text (str, :func:`stablehlo_text`), or a one-item list holding
   either (the item is taken out and freed as soon as it is parsed). ``quantized`` selects the
   converter's strict static QDQ mode (the ``quant.fake_quant`` composites
-  become int8 tensors).
+  become int8 tensors). ``weights``: values of the module's last
+  ``len(weights)`` arguments, which become constants inside the converter
+  (see :func:`convert_function`).
   Raises:
     ConversionError: the converter rejected the module.
   """
@@ -84,6 +88,8 @@ def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
         del data
       else:
         module = ir.Module.parse(module)
+      if len(weights):
+        _bind_weights(module, weights)
       capi.set_signature(module.operation, SIGNATURE, list(input_names),
                          list(output_names))
       cfg = capi.ConvertToTFLConfig()
@@ -98,6 +104,73 @@ def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
   except Exception as e:
     raise ConversionError(f"litert-converter failed: {type(e).__name__}: "
                           f"{e}") from e
+
+
+# Constants of at least this many bytes leave the jax.export'ed module as
+# arguments and come back as constants inside the converter (below).
+WEIGHT_ARG_MIN_BYTES = 1 << 12
+_WEIGHT_DTYPES = (np.float32, np.int8, np.int32)
+
+
+def _hoist_weights(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]):
+  """Returns ``(fn2, weights)``: ``fn2(*args, *weights) == fn(*args)``,
+  with the large array constants of ``fn``'s jaxpr as trailing arguments.
+
+  jax.export turns every constant into an MLIR attribute, then bytecode,
+  then a portable artifact (deserialized, converted and written again):
+  for a 64 MiB model its peak was ~7x the weight bytes, as much as the
+  whole float conversion. As arguments the weights cost nothing there, and
+  the converter gets them straight from their numpy buffers."""
+  try:
+    closed = jax.make_jaxpr(fn)(*avals)
+  except QliteError:
+    raise
+  except Exception as e:
+    raise ConversionError(f"jax.export of the model failed: "
+                          f"{type(e).__name__}: {e}") from e
+  consts = [np.asarray(c) for c in closed.consts]
+  big = [i for i, c in enumerate(consts)
+         if c.nbytes >= WEIGHT_ARG_MIN_BYTES and c.dtype in _WEIGHT_DTYPES]
+  weights = [consts[i] for i in big]
+  kept = [None if i in set(big) else c for i, c in enumerate(consts)]
+  n_args = len(avals)
+  jaxpr = closed.jaxpr
+
+  def fn2(*flat):
+    values = list(kept)
+    for i, w in zip(big, flat[n_args:]):
+      values[i] = w
+    return jax.core.eval_jaxpr(jaxpr, values, *flat[:n_args])
+  # jit(<name>) prefixes the converted tensor names: keep fn's
+  fn2.__name__ = fn2.__qualname__ = getattr(fn, "__name__", "fn")
+  return fn2, weights
+
+
+def _bind_weights(module, weights: Sequence[np.ndarray]) -> None:
+  """Replaces the last ``len(weights)`` arguments of ``main`` by
+  ``stablehlo.constant`` ops holding ``weights`` (converter's context)."""
+  from litert_converter.mlir.dialects import stablehlo as shlo
+  from litert_converter.mlir import ir
+  main = next(op for op in module.body.operations
+              if ir.StringAttr(op.attributes["sym_name"]).value == "main")
+  block = main.regions[0].blocks[0]
+  first = len(block.arguments) - len(weights)
+  if first < 0:
+    raise ConversionError("internal: fewer module arguments than weights")
+  with ir.InsertionPoint.at_block_begin(block), ir.Location.unknown():
+    for i, w in enumerate(weights):
+      const = shlo.ConstantOp(ir.DenseElementsAttr.get(
+          np.ascontiguousarray(w)))
+      block.arguments[first + i].replace_all_uses_with(const.result)
+  for i in reversed(range(first, len(block.arguments))):
+    block.erase_argument(i)
+  ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
+  main.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(
+      list(ftype.inputs)[:first], list(ftype.results)))
+  if "arg_attrs" in main.attributes:
+    attrs = ir.ArrayAttr(main.attributes["arg_attrs"])
+    main.attributes["arg_attrs"] = ir.ArrayAttr.get(
+        [attrs[i] for i in range(first)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,12 +209,14 @@ def convert_function(fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct],
   input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
   output_names = list(output_names or
                       [f"output_{i}" for i in range(num_outputs)])
-  module = [stablehlo_bytecode(fn, avals)]
+  fn, weights = _hoist_weights(fn, avals)
+  w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+  module = [stablehlo_bytecode(fn, list(avals) + w_avals)]
   del fn
   release_heap()
   try:
     return convert_stablehlo(module, input_names, output_names,
-                             quantized=quantized)
+                             quantized=quantized, weights=weights)
   finally:
     release_heap()
 
