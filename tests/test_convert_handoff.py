@@ -54,3 +54,57 @@ def test_large_constants_travel_as_arguments_and_come_back_as_constants(
   from qlite.convert.runtime import TFLiteRunner
   got = TFLiteRunner(hoisted).run(x)[0]
   np.testing.assert_allclose(got, fn(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_large_model_calibration_feeds_weights_as_inputs(monkeypatch):
+  """Above CALIBRATION_WEIGHTS_AS_INPUTS_BYTES the calibration .tflite takes
+  the weights as inputs (the converter never holds them); the statistics
+  are those of the weights-as-constants model."""
+  import qlite
+  from qlite import pipeline
+  from qlite.zoo import registry
+  zm = registry.get("transformer/linen")
+  rules = [qlite.QuantizationRule()]
+
+  def stats():
+    return qlite.calibrate(zm.model, rules, zm.batches[:2],
+                           variables=zm.variables, progress=False)
+  base = stats()
+  seen = {}
+  real = litert.convert_function_weights_as_inputs
+
+  def spy(*a, **k):
+    blob, weights = real(*a, **k)
+    seen["blob"], seen["weights"] = len(blob), sum(w.nbytes for w in weights)
+    return blob, weights
+  monkeypatch.setattr(litert, "convert_function_weights_as_inputs", spy)
+  monkeypatch.setattr(pipeline, "CALIBRATION_WEIGHTS_AS_INPUTS_BYTES", 0)
+  fed = stats()
+  n_params = sum(np.asarray(p).nbytes for p in
+                 jax.tree_util.tree_leaves(zm.variables))
+  assert seen["weights"] > 0.9 * n_params        # the weights went as inputs
+  assert seen["blob"] < seen["weights"]
+  assert sorted(fed.keys()) == sorted(base.keys()) and len(base) > 50
+  for key in base.keys():
+    for stat in ("min", "max"):
+      np.testing.assert_allclose(fed[key][stat], base[key][stat], rtol=1e-4,
+                                 atol=1e-5, err_msg=f"{key} {stat}")
+
+
+def test_fixed_inputs_are_checked():
+  import pytest
+  from qlite.convert.runtime import TFLiteRunner
+  from qlite.errors import QliteError
+  fn, w = _dense_fn()
+  avals = [jax.ShapeDtypeStruct((2, 256), jnp.float32)]
+  blob, weights = litert.convert_function_weights_as_inputs(
+      fn, avals, num_outputs=1)
+  runner = TFLiteRunner(blob)
+  with pytest.raises(QliteError, match="shape"):
+    runner.set_fixed_inputs([np.zeros((3, 3), np.float32)])
+  runner.set_fixed_inputs(weights)
+  x = np.ones((2, 256), np.float32)
+  np.testing.assert_allclose(runner.run(x)[0], fn(x)[0], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(QliteError, match="takes 1 inputs, got 2"):
+    runner.run(x, x)

@@ -221,6 +221,33 @@ def convert_function(fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct],
     release_heap()
 
 
+def convert_function_weights_as_inputs(
+    fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct], *,
+    num_outputs: int) -> tuple[bytes, list[np.ndarray]]:
+  """Float ``.tflite`` of ``fn`` whose large constants are model inputs
+  after ``avals`` (``input_{len(avals) + j}``), and those constants.
+
+  For calibration runs of large models: the converter then never holds the
+  weights (the float conversion of a 64 MiB model peaked at ~5.9x its
+  weight bytes: attributes, transposed copies, the flatbuffer), and LiteRT
+  reads them from the inputs."""
+  if isinstance(fn, list):
+    fn = fn.pop()
+  fn, weights = _hoist_weights(fn, avals)
+  w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+  module = [stablehlo_bytecode(fn, list(avals) + w_avals)]
+  del fn
+  release_heap()
+  names = [f"input_{i}" for i in range(len(avals) + len(weights))]
+  try:
+    blob = convert_stablehlo(module, names,
+                             [f"output_{i}" for i in range(num_outputs)],
+                             quantized=False)
+  finally:
+    release_heap()
+  return blob, weights
+
+
 def set_int8_io(blob: bytes) -> bytes:
   """Returns ``blob`` with int8 model inputs and outputs (the float
   QUANTIZE / DEQUANTIZE at the interface removed).

@@ -17,13 +17,15 @@ class TFLiteRunner:
   """
 
   def __init__(self, model: bytes, *, num_threads: int | None = None,
-               preserve_all_tensors: bool = False):
+               preserve_all_tensors: bool = False, xnnpack: bool = True):
     import warnings
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     self.delegate_error: str | None = None
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       try:
+        if not xnnpack:
+          raise ValueError("XNNPACK not requested")
         self.interpreter = Interpreter(
             model_content=bytes(model), num_threads=num_threads,
             experimental_preserve_all_tensors=preserve_all_tensors)
@@ -31,7 +33,7 @@ class TFLiteRunner:
       except (RuntimeError, ValueError) as e:
         # XNNPACK refuses some degenerate shapes; LiteRT's builtin kernels
         # still run the model (as a phone without the delegate would).
-        self.delegate_error = str(e)
+        self.delegate_error = str(e) if xnnpack else None
         try:
           self.interpreter = Interpreter(
               model_content=bytes(model), num_threads=num_threads,
@@ -49,25 +51,45 @@ class TFLiteRunner:
     self.output_names = sorted(out, key=_index_of_name)
     self.output_details = [out[n] for n in self.output_names]
 
-  def run(self, *flat_inputs: np.ndarray) -> list[np.ndarray]:
-    """Returns the float outputs for ``flat_inputs``.
-
-    Raises:
-      QliteError: wrong number of inputs or a shape the model does not take.
-    """
-    if len(flat_inputs) != len(self.input_details):
+  def set_fixed_inputs(self, values: Sequence[np.ndarray]) -> None:
+    """Fixes the model's last ``len(values)`` inputs (e.g. weights fed as
+    inputs); :meth:`run` then takes only the others. Converted once; each
+    run copies them into the input tensors (no new allocation)."""
+    first = len(self.input_details) - len(values)
+    if first < 0:
       raise QliteError(f"the .tflite model takes {len(self.input_details)} "
-                       f"inputs, got {len(flat_inputs)}")
-    feed = {}
-    for name, d, x in zip(self.input_names, self.input_details, flat_inputs):
+                       f"inputs, got {len(values)} fixed ones")
+    self._fixed = self._checked(self.input_names[first:],
+                                self.input_details[first:], values)
+
+  _fixed: list = []
+
+  def _checked(self, names, details, values) -> list[np.ndarray]:
+    out = []
+    for name, d, x in zip(names, details, values):
       x = np.asarray(x)
       want = tuple(int(n) for n in d["shape"])
       if tuple(x.shape) != want:
         raise QliteError(f".tflite input {name!r} has shape {want}, got an "
                          f"array of shape {tuple(x.shape)} (a .tflite from "
                          f"another model, or another batch size?)")
-      feed[name] = _to_model_dtype(x, d)
-    outs = self.runner(**feed)
+      out.append(_to_model_dtype(x, d))
+    return out
+
+  def run(self, *flat_inputs: np.ndarray) -> list[np.ndarray]:
+    """Returns the float outputs for ``flat_inputs`` (all inputs but the
+    ones set by :meth:`set_fixed_inputs`).
+
+    Raises:
+      QliteError: wrong number of inputs or a shape the model does not take.
+    """
+    n = len(self.input_details) - len(self._fixed)
+    if len(flat_inputs) != n:
+      raise QliteError(f"the .tflite model takes {n} inputs, got "
+                       f"{len(flat_inputs)}")
+    feed = self._checked(self.input_names[:n], self.input_details[:n],
+                         flat_inputs) + self._fixed
+    outs = self.runner(**dict(zip(self.input_names, feed)))
     return [_from_model_dtype(outs[n], d)
             for n, d in zip(self.output_names, self.output_details)]
 
@@ -88,7 +110,7 @@ def _to_model_dtype(x, d):
     if scale:
       info = np.iinfo(dtype)
       return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dtype)
-  return x.astype(dtype)
+  return x.astype(dtype, copy=False)
 
 
 def _from_model_dtype(y, d):
