@@ -301,13 +301,15 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         add_boundary(src, None, rules[node.index], prod.name,
                      prod.module_path, prod.source)
   _share_scales(graph, boundaries, quantized - fused_nodes,
-                {s.index: graph.nodes[c] for c, s in sum_scale.items()})
+                {s.index: graph.nodes[c] for c, s in sum_scale.items()},
+                static_value)
   ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
   return Plan(ordered, weights, consts, quantized, fused_nodes)
 
 
 def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
-                  quantized: set[int], scaled_by: dict[int, Node]) -> None:
+                  quantized: set[int], scaled_by: dict[int, Node],
+                  static_value) -> None:
   """Joins the boundaries that meet at a same-scale op (op_table.SAME_SCALE:
   its output and, through pass-through ops, each activation input) into
   groups that share one range, in place: LiteRT's int8 CONCATENATION, PAD,
@@ -316,7 +318,8 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
   clipped) makes the converter insert no requantize and keeps the
   fake-quant model and the .tflite rounding at the same points.
   ``scaled_by``: reduce_window_sum node -> the division / multiplication
-  that makes it an average pool. Boundaries with a fixed range (softmax,
+  that makes it an average pool; ``static_value(node, i)``: operand i's
+  constant value or None. Boundaries with a fixed range (softmax,
   logistic, tanh, rule-fixed) keep it, and only boundaries of one qtype
   share."""
   parent: dict[int, int] = {}
@@ -339,6 +342,10 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
     else:
       out = node.outputs[0]
     members = [out] + [_scale_source(graph, a) for a in acts]
+    if node.name == "reduce_window_sum":
+      # LiteRT fuses a following relu / relu6 into AVERAGE_POOL_2D, whose
+      # output must keep the input's scale: the clamp's boundary joins too
+      members += _fused_clamp_outputs(graph, out, static_value)
     members = [v for v in members if v in boundaries
                and boundaries[v].fixed_range is None]
     if len(members) < 2 or members[0] != out:
@@ -357,6 +364,22 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
     for v in group:
       boundaries[v] = dataclasses.replace(
           own[v], shares_with=tuple(own[o] for o in group if o != v))
+
+
+def _fused_clamp_outputs(graph: Graph, var: int, static_value) -> list[int]:
+  """Outputs of the chain of relu / relu6 clamps (op_table.relu_kind) that
+  is ``var``'s only consumer, in order."""
+  outs = []
+  while var not in graph.out_vars:
+    cons = graph.consumers.get(var, [])
+    if len(cons) != 1:
+      break
+    node = cons[0]
+    if not op_table.relu_kind(node, lambda i, n=node: static_value(n, i)):
+      break
+    var = node.outputs[0]
+    outs.append(var)
+  return outs
 
 
 def _per_channel_const(graph: Graph, node: Node, const_pos: int,
