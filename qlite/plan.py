@@ -36,6 +36,10 @@ class Boundary:
   # The other boundaries whose values meet this one at a same-scale op
   # (op_table.SAME_SCALE): all of them get the union of their ranges.
   shares_with: tuple["Boundary", ...] = ()
+  # How LiteRT's kernel rounds this value ("half_away": the output of an
+  # average pool, whose int8 kernel rounds code sum / count half away from
+  # zero); the fake-quant model rounds the same way.
+  rounding: str = "half_even"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +304,13 @@ def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
         prod = graph.producer[src]
         add_boundary(src, None, rules[node.index], prod.name,
                      prod.module_path, prod.source)
+  for scale_index, summed in sum_scale.items():
+    if summed.name != "reduce_window_sum":
+      continue
+    for o in graph.nodes[scale_index].outputs:
+      b = boundaries.get(o)
+      if b is not None and b.fixed_range is None:
+        boundaries[o] = dataclasses.replace(b, rounding="half_away")
   _share_scales(graph, boundaries, quantized - fused_nodes,
                 {s.index: graph.nodes[c] for c, s in sum_scale.items()},
                 static_value)

@@ -30,21 +30,24 @@ def mlir_dtype(qtype: QType) -> str:
   return _MLIR_INT[qtype.bits]
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _fake_quant_jit(v, s, z, qtype: str, narrow_range: bool):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _fake_quant_jit(v, s, z, qtype: str, narrow_range: bool,
+                    rounding: str = "half_even"):
   """The composite's decomposition body, jitted so that tracing it is cached
   per shape (one trace serves every boundary of a shape: tracing the body
   afresh for each of a model's ~100 composites cost ~0.3 s of export)."""
-  return numerics.fake_quant(v, s, z, qtype,
-                             narrow_range=narrow_range).astype(v.dtype)
+  return numerics.fake_quant(v, s, z, qtype, narrow_range=narrow_range,
+                             rounding=rounding).astype(v.dtype)
 
 
 def fake_quant(x, scale, zero_point, qtype, *, narrow_range: bool = False,
-               axis: int | None = None):
+               axis: int | None = None, rounding: str = "half_even"):
   """Returns ``x`` wrapped in a ``quant.fake_quant`` composite.
 
   ``scale`` / ``zero_point``: 1 value (per tensor) or one per index along
   ``axis`` (per channel). They must be concrete (numpy) values.
+  ``rounding``: of the JAX decomposition only (``numerics.fake_quant``);
+  the converter reads the scale and zero point.
   """
   qt = get_qtype(qtype)
   scale = np.asarray(scale, np.float32).reshape(-1)
@@ -63,7 +66,8 @@ def fake_quant(x, scale, zero_point, qtype, *, narrow_range: bool = False,
       shape[axis] = -1
       s, z = scale.reshape(shape), zero_point.reshape(shape)
     return _fake_quant_jit(v, np.asarray(s, np.float32),
-                           np.asarray(z, np.int32), qt.name, narrow_range)
+                           np.asarray(z, np.int32), qt.name, narrow_range,
+                           rounding)
 
   attrs = dict(dtype=mlir_dtype(qt), narrow_range=bool(narrow_range),
                scale=scale, zero_point=zero_point)

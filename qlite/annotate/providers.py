@@ -165,7 +165,7 @@ class ConversionProvider(_PlannedProvider):
       if b is None:
         return val
       s, z = scales[var]
-      return fq.fake_quant(val, s, z, b.rule.act_qtype)
+      return fq.fake_quant(val, s, z, b.rule.act_qtype, rounding=b.rounding)
 
     def weight(spec, w):
       s, z = fq.weight_scale(w, spec.rule.weight_qtype, spec.channel_axis,

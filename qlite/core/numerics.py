@@ -29,7 +29,7 @@ import numpy as np
 
 from qlite.core import qtypes as qt_lib
 from qlite.core.qtypes import QType, get_qtype
-from qlite.errors import QliteError
+from qlite.errors import QliteError, QTypeError
 
 __all__ = [
     "ZERO_RANGE_SCALE",
@@ -153,10 +153,27 @@ def _prepare(xp, x, scale, zero_point):
   return x, scale, zp
 
 
-def _int_codes(xp, x, scale, zp, qt: QType, narrow_range: bool):
-  """Returns float32 integer-valued codes ``clip(round(x / scale) + zp)``."""
+ROUNDINGS = ("half_even", "half_away")
+
+
+def _int_codes(xp, x, scale, zp, qt: QType, narrow_range: bool,
+               rounding: str = "half_even"):
+  """Returns float32 integer-valued codes ``clip(round(x / scale) + zp)``.
+
+  ``rounding="half_away"``: ``x / scale + zp`` rounded half away from zero,
+  after snapping it to a 1/1024 grid (exact ties survive float error).
+  LiteRT's int8 AVERAGE_POOL_2D (builtin and XNNPACK) rounds the raw code
+  sum / count that way; half-to-even there left the fake-quant model up to
+  1 LSB off at every tie."""
   lo = float(qt.narrow_qmin(narrow_range))
-  return xp.clip(xp.round(x / scale) + zp, lo, float(qt.qmax))
+  if rounding == "half_away":
+    t = xp.round((x / scale + zp) * 1024.0) / 1024.0
+    q = xp.sign(t) * xp.floor(xp.abs(t) + 0.5)
+  elif rounding == "half_even":
+    q = xp.round(x / scale) + zp
+  else:
+    raise QTypeError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+  return xp.clip(q, lo, float(qt.qmax))
 
 
 def _nf4_codes(xp, x, scale):
@@ -222,8 +239,9 @@ def float_dtype_or_f32(dtype):
 
 
 def fake_quant(x, scale, zero_point, qtype: str | QType, *,
-               narrow_range: bool = False):
-  """Returns ``dequantize_values(quantize_values(x, ...))`` computed in float.
+               narrow_range: bool = False, rounding: str = "half_even"):
+  """Returns ``dequantize_values(quantize_values(x, ...))`` computed in float
+  (int qtypes: ``rounding`` as in ``_int_codes``).
 
   Jittable; the result has ``x``'s dtype when ``x`` is floating, else float32.
   No straight-through estimator is attached (``round`` has zero gradient).
@@ -235,7 +253,7 @@ def fake_quant(x, scale, zero_point, qtype: str | QType, *,
   out_dtype = float_dtype_or_f32(getattr(x, "dtype", None))
   x, scale, zp = _prepare(xp, x, scale, zero_point)
   if qt.kind == qt_lib.INT:
-    y = (_int_codes(xp, x, scale, zp, qt, narrow_range) - zp) * scale
+    y = (_int_codes(xp, x, scale, zp, qt, narrow_range, rounding) - zp) * scale
   elif qt.kind == qt_lib.FLOAT:
     v = xp.clip(x / scale, float(qt.qmin), float(qt.qmax))
     y = v.astype(qt.storage_dtype).astype(xp.float32) * scale

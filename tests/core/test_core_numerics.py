@@ -200,3 +200,28 @@ def test_round_trip_within_half_step_of_clipped(lo, width, qtype, symmetric,
   assert np.all(np.abs(y - x_clipped) <= tol)
   # The calibrated range itself is representable (up to half a step).
   assert lo_rep <= min(lo, 0.0) + s / 2 + 1e-6 and hi_rep >= hi - s / 2 - 1e-6
+
+
+def test_half_away_rounding_matches_litert_average_pool():
+  """``rounding="half_away"``: code ``x / scale + zp`` rounded half away
+  from zero (LiteRT's int8 AVERAGE_POOL_2D rounds code sum / count that
+  way); ties survive float error; other values round as half-even does."""
+  scale, zp = np.float32(0.25), -3
+  codes = np.array([2.5, 3.5, -2.5, -3.5, 0.5, -0.5, 2.25, 2.75, 7.0],
+                   np.float64)
+  x = ((codes - zp) * scale).astype(np.float32)
+  got = np.asarray(numerics.fake_quant(x, scale, zp, "int8",
+                                       rounding="half_away")) / scale + zp
+  np.testing.assert_array_equal(np.round(got), [3, 4, -3, -4, 1, -1, 2, 3, 7])
+  # half-to-even rounds x / scale (= code - zp): with an odd zero point the
+  # ties 3.5 and -3.5 go the other way
+  even = np.asarray(numerics.fake_quant(x, scale, zp, "int8")) / scale + zp
+  np.testing.assert_array_equal(np.round(even), [3, 3, -3, -3, 1, -1, 2, 3, 7])
+  # a tie computed through float arithmetic (mean of four codes)
+  q = np.array([3, 4, 5, 6], np.float32)
+  avg = np.mean((q - zp) * scale, dtype=np.float32)        # code 4.5
+  got = np.asarray(numerics.fake_quant(np.float32(avg), scale, zp, "int8",
+                                       rounding="half_away")) / scale + zp
+  assert round(float(got)) == 5
+  with pytest.raises(QTypeError, match="rounding"):
+    numerics.fake_quant(x, scale, zp, "int8", rounding="up")
