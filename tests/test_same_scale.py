@@ -241,3 +241,39 @@ def test_average_pool_then_clamp_shares_the_pool_scale(concat, clamp):
   assert _max_lsb(model, variables, stats, blob, x) <= 0.5
   ref = np.asarray(model.apply(variables, x))
   assert sqnr_db(ref, run_tflite_batched(blob, x)) >= 30.0
+
+
+@pytest.mark.parametrize("xnnpack", [True, False])
+def test_litert_average_pool_rounds_code_sums_half_away_from_zero(xnnpack):
+  """The fact behind Boundary.rounding="half_away": LiteRT's int8
+  AVERAGE_POOL_2D (XNNPACK and builtin) outputs round_half_away(sum of the
+  4 input codes / 4), not half-to-even, and the fake-quant model agrees."""
+  from qlite.convert.runtime import TFLiteRunner
+
+  class Pool(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.avg_pool(x, (2, 2), (2, 2))
+  rng = np.random.default_rng(0)
+  batches = [rng.uniform(-0.5, 2.0, (1, 16, 16, 4)).astype(np.float32)
+             for _ in range(4)]
+  stats = qlite.calibrate(Pool(), RULES, batches, variables={},
+                          progress=False)
+  blob = qlite.export_tflite(Pool(), RULES, stats, batches[0],
+                             variables={}, io_dtype="int8")
+  info = qlite.inspect_tflite(blob)
+  t_in, t_out = info.tensor(info.inputs[0]), info.tensor(info.outputs[0])
+  s, zp = float(t_in.scale[0]), int(t_in.zero_point[0])
+  assert zp != 0 and float(t_out.scale[0]) == s       # same scale, offset
+  x = batches[1]
+  q = np.clip(np.round(x / s) + zp, -128, 127)
+  got = np.round(TFLiteRunner(blob, xnnpack=xnnpack).run(x)[0] / s) + zp
+  sums = q.reshape(1, 8, 2, 8, 2, 4).sum((2, 4))
+  assert int(np.sum(sums % 4 == 2)) > 20                   # many ties
+  away = np.sign(sums) * np.floor(np.abs(sums) / 4 + 0.5)
+  np.testing.assert_array_equal(got, away)
+  assert np.sum(got != np.round(sums / 4)) > 10            # not half-even
+  fq = qlite.quantize_model(Pool(), ConversionProvider(RULES, stats),
+                            variables={})
+  fake = np.asarray(fq.apply({}, x.astype(np.float32)))
+  np.testing.assert_array_equal(np.round(fake / s) + zp, got)
