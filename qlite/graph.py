@@ -11,7 +11,6 @@ re-evaluated by :func:`evaluate`, which lets a provider replace any value
 from __future__ import annotations
 
 import collections
-
 import contextlib
 import dataclasses
 import os

@@ -62,8 +62,8 @@ def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
 
   ``module``: a portable artifact (bytes, :func:`stablehlo_bytecode`) or
   module text (str, :func:`stablehlo_text`), or a one-item list holding
-  either (the item is taken out and freed as soon as it is parsed). ``quantized`` selects the
-  converter's strict static QDQ mode (the ``quant.fake_quant`` composites
+  either (the item is taken out and freed as soon as it is parsed).
+  ``quantized`` selects the converter's strict static QDQ mode (the ``quant.fake_quant`` composites
   become int8 tensors). ``weights``: values of the module's last
   ``len(weights)`` arguments, which become constants inside the converter
   (see :func:`convert_function`).
@@ -184,12 +184,47 @@ def _malloc_trim():
 def release_heap() -> None:
   """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op
   elsewhere). jax.export and the converter allocate from several threads'
-  heaps, and memory they free stays in those heaps unless trimmed; trimming
-  between the stages lowered the peak RSS of a 64 MiB model's export from
-  ~4.2x to ~2.6x its weight bytes (``bench/odml.py`` scaling rows)."""
+  heaps, and memory they free stays in those heaps unless trimmed (measured
+  while developing it: a 64 MiB model's export peaked at ~4.2x its weight
+  bytes without, ~2.6x with; the current figure is the scaling table of
+  ``bench/odml.py``)."""
   trim = _malloc_trim()
   if trim is not None:
     trim(0)
+
+
+def _export_and_convert(fn: Callable | list,
+                        avals: Sequence[jax.ShapeDtypeStruct],
+                        input_names: Sequence[str] | None,
+                        output_names: Sequence[str] | None,
+                        num_outputs: int | None, *, quantized: bool,
+                        weights_as_inputs: bool):
+  """The body of :func:`convert_function` and
+  :func:`convert_function_weights_as_inputs`: returns ``(blob, weights)``.
+
+  ``fn`` may come in a one-item list: it is taken out and dropped once the
+  module is serialized, so the constants it holds (e.g. folded weights) are
+  freed before the converter's peak memory."""
+  if isinstance(fn, list):
+    fn = fn.pop()
+  if num_outputs is None:
+    num_outputs = len(jax.eval_shape(fn, *avals))
+  fn, weights = _hoist_weights(fn, avals)
+  n_in = len(avals) + (len(weights) if weights_as_inputs else 0)
+  input_names = list(input_names or [f"input_{i}" for i in range(n_in)])
+  output_names = list(output_names or
+                      [f"output_{i}" for i in range(num_outputs)])
+  w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+  module = [stablehlo_bytecode(fn, list(avals) + w_avals)]
+  del fn
+  release_heap()
+  try:
+    blob = convert_stablehlo(module, input_names, output_names,
+                             quantized=quantized,
+                             weights=() if weights_as_inputs else weights)
+  finally:
+    release_heap()
+  return blob, weights
 
 
 def convert_function(fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct],
@@ -202,23 +237,9 @@ def convert_function(fn: Callable | list, avals: Sequence[jax.ShapeDtypeStruct],
   ``fn`` may come in a one-item list: it is taken out and dropped once the
   module is serialized, so the constants it holds (e.g. folded weights) are
   freed before the converter's peak memory."""
-  if isinstance(fn, list):
-    fn = fn.pop()
-  if num_outputs is None:
-    num_outputs = len(jax.eval_shape(fn, *avals))
-  input_names = list(input_names or [f"input_{i}" for i in range(len(avals))])
-  output_names = list(output_names or
-                      [f"output_{i}" for i in range(num_outputs)])
-  fn, weights = _hoist_weights(fn, avals)
-  w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
-  module = [stablehlo_bytecode(fn, list(avals) + w_avals)]
-  del fn
-  release_heap()
-  try:
-    return convert_stablehlo(module, input_names, output_names,
-                             quantized=quantized, weights=weights)
-  finally:
-    release_heap()
+  return _export_and_convert(fn, avals, input_names, output_names,
+                             num_outputs, quantized=quantized,
+                             weights_as_inputs=False)[0]
 
 
 def convert_function_weights_as_inputs(
@@ -231,21 +252,8 @@ def convert_function_weights_as_inputs(
   weights (the float conversion of a 64 MiB model peaked at ~5.9x its
   weight bytes: attributes, transposed copies, the flatbuffer), and LiteRT
   reads them from the inputs."""
-  if isinstance(fn, list):
-    fn = fn.pop()
-  fn, weights = _hoist_weights(fn, avals)
-  w_avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
-  module = [stablehlo_bytecode(fn, list(avals) + w_avals)]
-  del fn
-  release_heap()
-  names = [f"input_{i}" for i in range(len(avals) + len(weights))]
-  try:
-    blob = convert_stablehlo(module, names,
-                             [f"output_{i}" for i in range(num_outputs)],
-                             quantized=False)
-  finally:
-    release_heap()
-  return blob, weights
+  return _export_and_convert(fn, avals, None, None, num_outputs,
+                             quantized=False, weights_as_inputs=True)
 
 
 def set_int8_io(blob: bytes) -> bytes:

@@ -13,7 +13,9 @@ class TFLiteRunner:
   """Runs a ``.tflite`` model on flat numpy inputs (in signature order).
 
   int8 model inputs / outputs are quantized / dequantized with the tensor's
-  own scale, so callers always pass and get float arrays.
+  own scale, so callers always pass and get float arrays. ``xnnpack=False``
+  runs LiteRT's builtin kernels only (the XNNPACK delegate is otherwise
+  tried first).
   """
 
   def __init__(self, model: bytes, *, num_threads: int | None = None,
@@ -21,26 +23,30 @@ class TFLiteRunner:
     import warnings
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     self.delegate_error: str | None = None
+    self._fixed: list[np.ndarray] = []
+
+    def load(resolver=None):
+      kw = {} if resolver is None else dict(
+          experimental_op_resolver_type=resolver)
+      interpreter = Interpreter(
+          model_content=bytes(model), num_threads=num_threads,
+          experimental_preserve_all_tensors=preserve_all_tensors, **kw)
+      interpreter.allocate_tensors()
+      return interpreter
+
+    builtin = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       try:
-        if not xnnpack:
-          raise ValueError("XNNPACK not requested")
-        self.interpreter = Interpreter(
-            model_content=bytes(model), num_threads=num_threads,
-            experimental_preserve_all_tensors=preserve_all_tensors)
-        self.interpreter.allocate_tensors()
+        self.interpreter = load(None if xnnpack else builtin)
       except (RuntimeError, ValueError) as e:
+        if not xnnpack:
+          raise QliteError(f"LiteRT cannot load the model: {e}") from None
         # XNNPACK refuses some degenerate shapes; LiteRT's builtin kernels
         # still run the model (as a phone without the delegate would).
-        self.delegate_error = str(e) if xnnpack else None
+        self.delegate_error = str(e)
         try:
-          self.interpreter = Interpreter(
-              model_content=bytes(model), num_threads=num_threads,
-              experimental_preserve_all_tensors=preserve_all_tensors,
-              experimental_op_resolver_type=
-              OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-          self.interpreter.allocate_tensors()
+          self.interpreter = load(builtin)
         except (RuntimeError, ValueError) as e2:
           raise QliteError(f"LiteRT cannot load the model: {e2}") from None
     self.runner = self.interpreter.get_signature_runner()
@@ -61,8 +67,6 @@ class TFLiteRunner:
                        f"inputs, got {len(values)} fixed ones")
     self._fixed = self._checked(self.input_names[first:],
                                 self.input_details[first:], values)
-
-  _fixed: list = []
 
   def _checked(self, names, details, values) -> list[np.ndarray]:
     out = []
