@@ -69,10 +69,10 @@ class Timers:
 def _profile_qlite(timers: Timers):
   """Times qlite's export stages by wrapping its module functions (the same
   code runs; only timers are added)."""
-  from qlite import graph
-  from qlite.annotate import providers
-  from qlite.convert import inspect as inspect_lib
-  from qlite.convert import litert
+  from qlite.trace import graph
+  from qlite.litert import providers
+  from qlite.litert import inspect as inspect_lib
+  from qlite.litert import convert as litert
   timers.wrap(graph, "trace", "trace_jaxpr")
   timers.wrap(providers, "build_plan", "build_plan")
   timers.wrap(graph, "fold_static", "fold_static")
@@ -112,7 +112,7 @@ def _qlite(case, model, res, timers):
 
 def _float(case, model, res, timers):
   import qlite
-  from qlite.convert import litert
+  from qlite.litert import convert as litert
   timers.wrap(litert, "stablehlo_bytecode", "jax_export_stablehlo")
   timers.wrap(litert, "convert_stablehlo", "litert_converter")
   t0 = time.perf_counter()

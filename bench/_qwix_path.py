@@ -5,7 +5,7 @@ Calibration: ``qwix.OdmlQatProvider`` run over the calibration batches with
 min / max), the step jitted. Conversion: ``qwix.OdmlConversionProvider``
 with the params and quant_stats, then ``jax.export`` -> litert-converter in
 strict static QDQ mode (the same converter call qlite makes; the glue is
-``qlite.convert.litert``'s, the only qlite code on this path).
+``qlite.litert.convert``'s, the only qlite code on this path).
 
 Bench-only: imports qwix; qlite never imports this.
 """
@@ -55,7 +55,7 @@ def export(model, variables, quant_stats, example_args, timings: dict) -> bytes:
   """Returns the ``.tflite`` bytes of qwix's ODML conversion model; fills
   ``timings`` with ``export_stablehlo_s`` and ``converter_s``."""
   import qwix
-  from qlite.convert import litert
+  from qlite.litert import convert as litert
   conv = qwix.quantize_model(model, qwix.OdmlConversionProvider(
       rules(), variables["params"], quant_stats))
   fn = lambda *xs: conv.apply(variables, *xs)

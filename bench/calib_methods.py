@@ -50,7 +50,7 @@ def bench_rows(methods):
 
 
 def zoo_rows(methods):
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
   from qlite.metrics import sqnr_db
   from qlite.zoo import registry
   for name in registry.names():

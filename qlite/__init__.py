@@ -6,16 +6,16 @@ from qlite.errors import (QliteError, QTypeError, RuleError, CalibrationError,
                           TFLiteFormatError)
 from qlite.rules import QuantizationRule
 from qlite.core.stats import QuantStats
-from qlite.model import quantize_model, QuantizedModel, Provider
-from qlite.convert.inspect import inspect_tflite, TFLiteInfo
-from qlite.convert.runtime import TFLiteRunner
-from qlite.pipeline import (calibrate, export_tflite, export_float_tflite)
+from qlite.quant.provider import quantize_model, QuantizedModel, Provider
+from qlite.litert.inspect import inspect_tflite, TFLiteInfo
+from qlite.litert.runtime import TFLiteRunner
+from qlite.litert.pipeline import (calibrate, export_tflite, export_float_tflite)
 from qlite import annotate
 from qlite import xla
 from qlite import kernels
 from qlite.qat import QatProvider, QatModel, stats_from_qat
-from qlite.compare import compare, Report
-from qlite.sensitivity import find_sensitive_layers, rules_keeping_float
+from qlite.analysis.compare import compare, Report
+from qlite.analysis.sensitivity import find_sensitive_layers, rules_keeping_float
 from qlite import metrics
 
 __version__ = "0.1.0"

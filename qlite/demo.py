@@ -8,12 +8,12 @@ import time
 import jax
 import numpy as np
 
-from qlite.annotate.providers import ConversionProvider
-from qlite.convert.inspect import inspect_tflite
-from qlite.convert.runtime import TFLiteRunner
+from qlite.litert.providers import ConversionProvider
+from qlite.litert.inspect import inspect_tflite
+from qlite.litert.runtime import TFLiteRunner
 from qlite.metrics import sqnr_db
-from qlite.model import quantize_model
-from qlite.pipeline import calibrate, export_float_tflite, export_tflite
+from qlite.quant.provider import quantize_model
+from qlite.litert.pipeline import calibrate, export_float_tflite, export_tflite
 from qlite.rules import QuantizationRule
 
 

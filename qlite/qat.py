@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlite import graph as graph_lib
-from qlite.annotate import fake_quant as fq
-from qlite.plan import Plan, build_plan, quantize_operands
+from qlite.trace import graph as graph_lib
+from qlite.litert import fake_quant as fq
+from qlite.quant.plan import Plan, build_plan, quantize_operands
 from qlite.core import numerics
 from qlite.core.qtypes import get_qtype
 from qlite.core.stats import QuantStats
 from qlite.errors import QliteError
-from qlite.flax_hooks import model_function
-from qlite.model import Provider
+from qlite.trace.flax_hooks import model_function
+from qlite.quant.provider import Provider
 from qlite.rules import QuantizationRule, RuleMatcher
 
 STATS = "quant_stats"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import qlite
-from qlite.compare import LAYER_METRICS, PAIRS, Report
+from qlite.analysis.compare import LAYER_METRICS, PAIRS, Report
 from qlite.metrics import cosine, sqnr_db
 
 DIGITS_LAYERS = ["input0", "Conv_0", "Conv_1", "Dense_0", "Dense_1"]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlite.convert import litert
+from qlite.litert import convert as litert
 
 
 def test_list_handoff_empties_the_list_and_gives_the_same_tflite():
@@ -51,7 +51,7 @@ def test_large_constants_travel_as_arguments_and_come_back_as_constants(
   hoisted = litert.convert_function(fn, avals, quantized=False)
   monkeypatch.setattr(litert, "WEIGHT_ARG_MIN_BYTES", 1 << 62)
   assert litert.convert_function(fn, avals, quantized=False) == hoisted
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
   got = TFLiteRunner(hoisted).run(x)[0]
   np.testing.assert_allclose(got, fn(x)[0], rtol=1e-5, atol=1e-6)
 
@@ -61,7 +61,7 @@ def test_large_model_calibration_feeds_weights_as_inputs(monkeypatch):
   the weights as inputs (the converter never holds them); the statistics
   are those of the weights-as-constants model."""
   import qlite
-  from qlite import pipeline
+  from qlite.litert import pipeline
   from qlite.zoo import registry
   zm = registry.get("transformer/linen")
   rules = [qlite.QuantizationRule()]
@@ -93,7 +93,7 @@ def test_large_model_calibration_feeds_weights_as_inputs(monkeypatch):
 
 def test_fixed_inputs_are_checked():
   import pytest
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
   from qlite.errors import QliteError
   fn, w = _dense_fn()
   avals = [jax.ShapeDtypeStruct((2, 256), jnp.float32)]

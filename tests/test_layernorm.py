@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 import qlite
-from qlite import composites, graph, layernorm
+from qlite.ops import composites, layernorm
+from qlite.trace import graph
 from qlite.zoo import registry, report
 
 C = 24

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import qlite
-from qlite import composites
+from qlite.ops import composites
 from qlite.annotate import ConversionProvider
-from qlite.convert import litert
+from qlite.litert import convert as litert
 from qlite.demo import run_tflite_batched
 from qlite.metrics import sqnr_db
-from qlite.model import QuantizedModel
+from qlite.quant.provider import QuantizedModel
 from qlite.zoo import registry
 
 NAME = "odml.upsample_bilinear2d"

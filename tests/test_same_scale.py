@@ -14,8 +14,8 @@ import qlite
 from qlite.annotate import ConversionProvider
 from qlite.demo import run_tflite_batched
 from qlite.metrics import sqnr_db
-from qlite.model import QuantizedModel
-from qlite.plan import boundary_range, boundary_scale
+from qlite.quant.provider import QuantizedModel
+from qlite.quant.scales import boundary_range, boundary_scale
 from qlite.zoo import registry
 
 RULES = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
@@ -248,7 +248,7 @@ def test_litert_average_pool_rounds_code_sums_half_away_from_zero(xnnpack):
   """The fact behind Boundary.rounding="half_away": LiteRT's int8
   AVERAGE_POOL_2D (XNNPACK and builtin) outputs round_half_away(sum of the
   4 input codes / 4), not half-to-even, and the fake-quant model agrees."""
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
 
   class Pool(nn.Module):
     @nn.compact

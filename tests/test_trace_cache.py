@@ -5,8 +5,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from qlite import graph as graph_lib
-from qlite.flax_hooks import model_function
+from qlite.trace import graph as graph_lib
+from qlite.trace.flax_hooks import model_function
 
 
 class Tiny(nn.Module):

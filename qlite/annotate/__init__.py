@@ -1,7 +1,8 @@
-"""ODML (LiteRT) provider: calibration pass, conversion pass, LiteRT op table."""
+"""``qlite.annotate``: the Qwix-style name of the LiteRT providers (an alias of
+:mod:`qlite.litert`)."""
 
-from qlite.annotate.providers import CalibrationProvider, ConversionProvider
-from qlite.plan import Plan, Boundary, build_plan
+from qlite.litert import (CalibrationProvider, ConversionProvider, Plan,
+                          Boundary, build_plan)
 
 __all__ = ["CalibrationProvider", "ConversionProvider", "Plan", "Boundary",
            "build_plan"]

@@ -25,15 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlite import graph as graph_lib
-from qlite.plan import Plan, build_plan
-from qlite import plan as plan_lib
-from qlite.plan import as_quant_stats, boundary_scale
+from qlite.trace import graph as graph_lib
+from qlite.quant.plan import Plan, build_plan
+from qlite.quant import plan as plan_lib
+from qlite.quant.scales import as_quant_stats, boundary_scale
 from qlite.core import qtypes as qt_lib
 from qlite.core.qarray import QArray, quantize
 from qlite.core.stats import QuantStats
 from qlite.errors import QliteError
-from qlite.model import Provider, QuantizedModel
+from qlite.quant.provider import Provider, QuantizedModel
 from qlite.rules import QuantizationRule, RuleMatcher
 from qlite.xla import matmul
 

@@ -9,11 +9,11 @@ import warnings
 
 import numpy as np
 
-from qlite.convert.inspect import inspect_tflite
-from qlite.convert.runtime import TFLiteRunner
+from qlite.litert.inspect import inspect_tflite
+from qlite.litert.runtime import TFLiteRunner
 from qlite.errors import QliteError
 from qlite.metrics import sqnr_db
-from qlite.pipeline import calibrate, export_tflite, float_islands
+from qlite.litert.pipeline import calibrate, export_tflite, float_islands
 from qlite.rules import QuantizationRule
 
 

@@ -172,3 +172,16 @@ def _float_ops(ops, tensors, model_inputs, model_outputs) -> list[OpInfo]:
     if any(tensors[i].dtype in FLOAT_TYPES for i in ins + list(op.outputs)):
       out.append(op)
   return out
+
+
+def tensor_module_path(tensor_name: str) -> tuple[str, str]:
+  """Maps a LiteRT tensor name (JAX name stack, e.g.
+  ``jit(f)/Conv_0/conv_general_dilated``) to ``(module_path, op)``."""
+  name = tensor_name.split(";")[-1]
+  parts = [p for p in name.split("/") if p]
+  if parts and parts[0].startswith("jit("):
+    parts = parts[1:]
+  if not parts:
+    return "", ""
+  op = parts[-1].rstrip("0123456789")
+  return "/".join(parts[:-1]), op

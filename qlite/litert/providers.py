@@ -10,14 +10,14 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from qlite import graph as graph_lib
-from qlite.annotate import fake_quant as fq
-from qlite.plan import (Plan, as_quant_stats, boundary_scale,  # noqa: F401
-                        build_plan, quantize_operands)
+from qlite.trace import graph as graph_lib
+from qlite.litert import fake_quant as fq
+from qlite.quant.plan import Plan, build_plan, quantize_operands
+from qlite.quant.scales import as_quant_stats, boundary_scale
 from qlite.core import calibration, numerics
 from qlite.core.stats import QuantStats
 from qlite.errors import CalibrationError, QTypeError
-from qlite.model import Provider, QuantizedModel
+from qlite.quant.provider import Provider
 from qlite.rules import QuantizationRule, RuleMatcher
 
 

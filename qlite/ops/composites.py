@@ -10,7 +10,7 @@ change; the plan sees one op instead of a dozen float primitives.
 2x bilinear ``jax.image.resize`` of NHWC images traces as
 ``odml.upsample_bilinear2d`` (-> one RESIZE_BILINEAR).
 Flax LayerNorm (Linen and NNX) traces as ``x * m + (bias - mean * m)``
-(:mod:`qlite.layernorm`: fewer full-size int8 requantizations).
+(:mod:`qlite.ops.layernorm`: fewer full-size int8 requantizations).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as _linen
 from jax._src.interpreters import batching as _batching
 
-from qlite import layernorm as _layernorm
+from qlite.ops import layernorm as _layernorm
 
 _ORIGINALS = {"softmax": jax.nn.softmax, "gelu": jax.nn.gelu,
               "leaky_relu": jax.nn.leaky_relu,

@@ -14,11 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlite import op_table
-from qlite.graph import Graph, Lit, Node, bind
-from qlite.core import calibration, numerics, qtypes
-from qlite.core.stats import QuantStats
-from qlite.errors import CalibrationError
+from qlite.ops import op_table
+from qlite.trace.graph import Graph, Lit, Node, bind
 from qlite.rules import QuantizationRule, RuleMatcher
 
 
@@ -466,92 +463,3 @@ def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
   if reciprocal:
     return [jax.lax.mul_p.bind(*invals)]
   return bind(node, invals) if hit else None
-
-
-# -- boundary scales from calibration statistics (shared by every backend) --
-
-ZERO_RANGE_WIDTH = 1e-6
-
-
-def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
-  if b.fixed_range is not None:
-    return b.fixed_range
-  if stats is None or b.key not in stats:
-    raise CalibrationError(
-        f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
-        f"`{b.module_path or '<root>'}`, {b.source}); calibrate with the "
-        f"same model and rules (qlite.calibrate) and pass those stats")
-  method = b.rule.act_calibration_method or stats.meta.get("method",
-                                                           "minmax")
-  qt = qtypes.get_qtype(b.rule.act_qtype)
-  if qt.kind != qtypes.INT and method == "mse":
-    method = "minmax"     # its noise model is that of a uniform int grid
-  return calibration.activation_range(
-      stats[b.key], method, aggregation=b.rule.act_aggregation,
-      fixed_range=b.rule.act_fixed_range, levels=int(qt.qmax - qt.qmin),
-      name=b.key)
-
-
-def boundary_range(b, stats: QuantStats | None) -> tuple[float, float]:
-  """Returns the calibrated ``(lo, hi)`` of boundary ``b``: its fixed range,
-  or its own calibrated range joined with those of the boundaries it
-  ``shares_with`` (the union).
-
-  Raises:
-    CalibrationError: ``stats`` has no record for ``b`` or a boundary it
-      shares with (names its key, module path and source line).
-  """
-  lo, hi = _own_range(b, stats)
-  for other in b.shares_with:
-    olo, ohi = _own_range(other, stats)
-    lo, hi = min(lo, olo), max(hi, ohi)
-  return lo, hi
-
-
-def boundary_scale(b, stats: QuantStats | None):
-  """Returns ``(scale, zero_point)`` 1-D numpy arrays of boundary ``b``
-  (from :func:`boundary_range`).
-
-  Raises:
-    CalibrationError: ``stats`` has no record for ``b`` (names its key,
-      module path and source line).
-  """
-  qt = b.rule.act_qtype
-  lo, hi = boundary_range(b, stats)
-  if hi - lo < ZERO_RANGE_WIDTH:
-    # A constant tensor (e.g. a dead relu): any scale represents it exactly,
-    # but a tiny one makes the next layer's int32 bias (bias / (input scale *
-    # weight scale)) overflow in LiteRT. Use a unit-wide range.
-    hi = lo + 1.0
-  s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
-                                   symmetric=False, narrow_range=False)
-  return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
-
-
-def as_quant_stats(stats: Any) -> QuantStats:
-  """Returns ``stats`` as a :class:`QuantStats` (accepts a QuantStats or a
-  ``{key: record}`` mapping).
-
-  Raises:
-    CalibrationError: anything else.
-  """
-  if isinstance(stats, QuantStats):
-    return stats
-  if isinstance(stats, dict) and "quant_stats" in stats:
-    stats = stats["quant_stats"]          # a QAT variables dict
-  if isinstance(stats, dict) and stats and all(
-      isinstance(v, dict) and set(v) == {"min", "max", "count"}
-      for v in stats.values()):      # a QAT quant_stats collection
-    never = [k for k, v in stats.items() if int(np.asarray(v["count"])) == 0]
-    if never:
-      raise CalibrationError(f"quant_stats[{never[0]!r}] was never updated: "
-                             f"run qat.apply(..., mutable=['quant_stats'])")
-    return QuantStats.from_ranges(
-        {k: (np.asarray(v["min"]), np.asarray(v["max"]))
-         for k, v in stats.items()}, {"source": "qat"})
-  if isinstance(stats, dict) and all(isinstance(v, dict)
-                                     for v in stats.values()):
-    return QuantStats({k: dict(v) for k, v in stats.items()}, {})
-  raise CalibrationError(f"stats must be a qlite.QuantStats (from "
-                         f"qlite.calibrate or QuantStats.load), got "
-                         f"{type(stats).__name__}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from qlite.compare import LAYER_METRICS, Report
+from qlite.analysis.compare import LAYER_METRICS, Report
 from qlite.errors import QliteError
 from qlite.rules import QuantizationRule
 

@@ -21,9 +21,9 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from qlite import composites
+from qlite.ops import composites
 from qlite.errors import QliteError
-from qlite.flax_hooks import ModelFunction
+from qlite.trace.flax_hooks import ModelFunction
 
 # Higher-order primitives whose body is inlined, and the param holding it.
 _INLINE_PARAMS = {

@@ -27,16 +27,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qlite import graph as graph_lib
-from qlite.annotate.providers import (ConversionProvider, as_quant_stats,
-                                      boundary_scale)
-from qlite.convert import inspect as inspect_lib
-from qlite.convert.runtime import TFLiteRunner
+from qlite.trace import graph as graph_lib
+from qlite.litert.providers import ConversionProvider
+from qlite.quant.scales import as_quant_stats, boundary_scale
+from qlite.litert import inspect as inspect_lib
+from qlite.litert.runtime import TFLiteRunner
 from qlite.core import numerics
 from qlite.errors import QliteError, TFLiteFormatError
 from qlite.metrics import cosine, sqnr_db
-from qlite.model import quantize_model
-from qlite.pipeline import tensor_module_path
+from qlite.quant.provider import quantize_model
+from qlite.litert.inspect import tensor_module_path
 
 __all__ = ["compare", "Report", "LayerRow", "OutputRow", "PairMetrics",
            "PAIRS", "LAYER_METRICS", "REPORT_FORMAT"]

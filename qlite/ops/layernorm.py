@@ -4,7 +4,7 @@ Flax's LayerNorm computes ``y = (x - mean) * (rsqrt(var + eps) * scale) +
 bias``: in a full-integer model every step is an int8 tensor of the input's
 size (``x - mean``, the broadcast ``rsqrt * scale``, the product, ``+ bias``)
 and each rounding adds noise to the signal path. While a model is traced
-(:func:`qlite.composites.traced_as_composites`) ``flax.linen.LayerNorm`` and
+(:func:`qlite.ops.composites.traced_as_composites`) ``flax.linen.LayerNorm`` and
 ``flax.nnx.LayerNorm`` instead compute
 
     m = rsqrt(mean(x * x) - mean(x)**2 + eps) * scale

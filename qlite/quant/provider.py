@@ -8,16 +8,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from qlite import graph as graph_lib
+from qlite.trace import graph as graph_lib
 from qlite.core.qarray import is_qarray
 from qlite.errors import QliteError
-from qlite.flax_hooks import ModelFunction, model_function
+from qlite.trace.flax_hooks import ModelFunction, model_function
 
 
 class Provider:
   """Base class of quantization providers (calibration, conversion, PTQ).
 
-  A provider turns a traced :class:`qlite.graph.Graph` into outputs, given
+  A provider turns a traced :class:`qlite.trace.graph.Graph` into outputs, given
   flat params and flat args; :class:`QuantizedModel` does the tracing.
   """
 

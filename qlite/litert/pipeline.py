@@ -11,17 +11,18 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from qlite.annotate.providers import (CalibrationProvider, ConversionProvider,
-                                      as_quant_stats)
-from qlite.convert import inspect as inspect_lib
-from qlite.convert import litert
+from qlite.litert.providers import CalibrationProvider, ConversionProvider
+from qlite.quant.scales import as_quant_stats
+from qlite.litert import inspect as inspect_lib
+from qlite.litert.inspect import tensor_module_path
+from qlite.litert import convert as litert
 from qlite.core import calibration
 from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
-from qlite import graph as graph_lib
-from qlite.graph import Graph
-from qlite.model import QuantizedModel
+from qlite.trace import graph as graph_lib
+from qlite.trace.graph import Graph
+from qlite.quant.provider import QuantizedModel
 from qlite.rules import QuantizationRule
 
 
@@ -86,7 +87,7 @@ def _litert_calibration_step(qm, provider, graph, plan):
   calibration step (0.6-2.7 s on the zoo): the export-time bottleneck.
   Raises ConversionError when the float model cannot be converted.
   """
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
   bounds = [b for b in plan.boundaries.values() if b.fixed_range is None]
   flat_params = jax.tree.leaves(qm.mf.params)
   folded = graph_lib.fold_static(graph, flat_params)
@@ -282,7 +283,7 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
 def _verify_loads(blob: bytes) -> None:
   """Raises ConversionError when LiteRT cannot load the model; warns when
   only the XNNPACK delegate refuses it."""
-  from qlite.convert.runtime import TFLiteRunner
+  from qlite.litert.runtime import TFLiteRunner
   try:
     runner = TFLiteRunner(blob)
   except QliteError as e:
@@ -318,23 +319,10 @@ def _float_island_message(info, graph) -> str:
           "strict=False to accept the float islands.")
 
 
-def tensor_module_path(tensor_name: str) -> tuple[str, str]:
-  """Maps a LiteRT tensor name (JAX name stack, e.g.
-  ``jit(f)/Conv_0/conv_general_dilated``) to ``(module_path, op)``."""
-  name = tensor_name.split(";")[-1]
-  parts = [p for p in name.split("/") if p]
-  if parts and parts[0].startswith("jit("):
-    parts = parts[1:]
-  if not parts:
-    return "", ""
-  op = parts[-1].rstrip("0123456789")
-  return "/".join(parts[:-1]), op
-
-
 def export_float_tflite(model, example_args, variables=None,
                         path=None) -> bytes:
   """Exports the float model (no quantization) as ``.tflite`` bytes."""
-  from qlite.flax_hooks import model_function
+  from qlite.trace.flax_hooks import model_function
   mf = model_function(model, variables)
   args = _as_args(example_args)
   flat_args, tree = jax.tree.flatten(args)

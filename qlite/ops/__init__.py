@@ -1,0 +1,1 @@
+"""LiteRT op handlers: what each op means for a full-integer LiteRT model."""

@@ -1,0 +1,2 @@
+"""Backend-neutral quantization layer: the Provider base, the boundary plan
+and boundary scales."""
