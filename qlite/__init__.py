@@ -14,7 +14,8 @@ from qlite import annotate
 from qlite import xla
 from qlite import kernels
 from qlite.qat import QatProvider, QatModel, stats_from_qat
-from qlite.analysis.compare import compare, Report
+from qlite.analysis.report import Report
+from qlite.analysis.runner import compare
 from qlite.analysis.sensitivity import find_sensitive_layers, rules_keeping_float
 from qlite import metrics
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import qlite
-from qlite.analysis.compare import LAYER_METRICS, PAIRS, Report
-from qlite.metrics import cosine, sqnr_db
+from qlite.analysis.report import LAYER_METRICS, PAIRS, Report
+from qlite.metrics import (cosine, cosine_from_sums, sqnr_db,
+                           sqnr_db_from_power)
 
 DIGITS_LAYERS = ["input0", "Conv_0", "Conv_1", "Dense_0", "Dense_1"]
 
@@ -291,7 +292,7 @@ def test_cli_compare(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_transformer_rows_and_error_growth_with_depth():
-  registry = pytest.importorskip("qlite.zoo.registry")
+  from qlite.zoo import registry
   z = registry.get("transformer/linen")
   rules = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
                                   act_qtype="int8")]
@@ -331,3 +332,26 @@ def test_nnx_model_rows_are_attribute_paths(digits_data, digits_trained,
   assert [r.layer for r in rep.layers] == ["input0", "conv1", "conv2", "fc1",
                                            "fc2"]
   assert rep.unmatched == [] and rep.outputs[0].max_lsb <= 2.0
+
+
+def test_metrics_from_sums_equal_array_forms():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(6, 7))
+  test = ref + 0.01 * rng.normal(size=ref.shape)
+  r, t = ref.ravel(), test.ravel()
+  e = r - t
+  assert sqnr_db_from_power(float(np.sum(r * r)), float(np.sum(e * e))) == \
+      sqnr_db(ref, test)
+  assert cosine_from_sums(float(r @ t), float(r.dot(r)), float(t.dot(t))) == \
+      cosine(ref, test)
+  assert sqnr_db_from_power(1.0, 0.0) == math.inf
+  assert sqnr_db_from_power(0.0, 1.0) == -math.inf
+  assert cosine_from_sums(0.0, 0.0, 0.0) == 1.0
+  assert cosine_from_sums(0.0, 0.0, 2.0) == 0.0
+
+
+def test_compare_module_reexports():
+  from qlite.analysis import compare as compare_mod
+  assert compare_mod.compare is qlite.compare
+  assert compare_mod.Report is Report
+  assert compare_mod.LAYER_METRICS is LAYER_METRICS

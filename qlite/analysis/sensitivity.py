@@ -1,12 +1,12 @@
-"""Turn a compare :class:`~qlite.compare.Report` into rules that keep the
-layers quantization hurts most in float."""
+"""Turn a compare :class:`~qlite.analysis.report.Report` into rules that keep
+the layers quantization hurts most in float."""
 
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
-from qlite.analysis.compare import LAYER_METRICS, Report
+from qlite.analysis.report import Report, check_metric
 from qlite.errors import QliteError
 from qlite.rules import QuantizationRule
 
@@ -15,14 +15,28 @@ __all__ = ["find_sensitive_layers", "rules_keeping_float"]
 
 def find_sensitive_layers(report: Report, min_sqnr_db: float = 30.0,
                           metric: str = "fakequant_vs_float") -> list[str]:
-  """Returns the Flax module paths whose layer SQNR (dB, for ``metric``) is
-  below ``min_sqnr_db``, worst first, each once.
+  """Finds the layers whose SQNR is below a floor.
 
-  ``metric``: ``fakequant_vs_float`` (default; error accumulated up to that
-  layer), ``litert_vs_float``, ``litert_vs_fakequant`` or ``own_vs_float``
-  (the float activation quantized with that boundary's scale alone: the
-  noise the layer's own quantization adds). Model inputs (no module path)
-  are never returned: no module-path rule keeps them float.
+  Model inputs (no module path) are never returned: no module-path rule
+  keeps them float.
+
+  Example usage::
+
+    >>> report = qlite.compare(model, rules, stats, blob, batches,
+    ...                        variables=variables)
+    >>> paths = qlite.find_sensitive_layers(report, min_sqnr_db=30)
+    >>> rules = qlite.rules_keeping_float(paths, rules)
+
+  Args:
+    report: the :class:`Report` from :func:`qlite.compare`.
+    min_sqnr_db: the floor (dB); layers strictly below it are returned.
+    metric: ``fakequant_vs_float`` (default; error accumulated up to that
+      layer), ``litert_vs_float``, ``litert_vs_fakequant`` or
+      ``own_vs_float`` (the float activation quantized with that boundary's
+      scale alone: the noise the layer's own quantization adds).
+
+  Returns:
+    Flax module paths, lowest SQNR first, each once.
 
   Raises:
     QliteError: ``report`` is not a Report, or an unknown ``metric``.
@@ -30,9 +44,7 @@ def find_sensitive_layers(report: Report, min_sqnr_db: float = 30.0,
   if not isinstance(report, Report):
     raise QliteError(f"find_sensitive_layers takes the Report from "
                      f"qlite.compare, got {type(report).__name__}")
-  if metric not in LAYER_METRICS:
-    raise QliteError(f"unknown metric {metric!r}; choose one of "
-                     f"{', '.join(LAYER_METRICS)}")
+  check_metric(metric)
   rows = [r for r in report.layers if r.module_path
           and r.sqnr(metric) is not None and r.sqnr(metric) < min_sqnr_db]
   paths: list[str] = []
@@ -45,11 +57,25 @@ def find_sensitive_layers(report: Report, min_sqnr_db: float = 30.0,
 def rules_keeping_float(paths: Sequence[str],
                         base_rules: Sequence[QuantizationRule]
                         ) -> list[QuantizationRule]:
-  """Returns ``base_rules`` with one rule per module path prepended that
-  keeps that module's weights and activations in float (first match wins).
+  """Prepends rules that keep the given modules in float.
 
   The exported model then has float islands: export it with
   ``strict=False``.
+
+  Example usage::
+
+    >>> rules = qlite.rules_keeping_float(["Conv_1", "Dense_0"], rules)
+    >>> blob = qlite.export_tflite(model, rules, stats, x,
+    ...                            variables=variables, strict=False)
+
+  Args:
+    paths: Flax module paths (matched exactly, not as regexes), e.g. from
+      :func:`find_sensitive_layers`.
+    base_rules: the rules the other modules keep.
+
+  Returns:
+    One rule per path (weights and activations float), then ``base_rules``;
+    the first matching rule wins.
 
   Raises:
     QliteError: ``paths`` is a single string or holds a non-string.
