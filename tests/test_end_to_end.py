@@ -195,7 +195,7 @@ def test_mse_ranges_raise_transformer_sqnr_and_stay_full_integer():
   """method="mse" (MSE-optimal clipping from the calibration histograms) on
   the zoo's Linen transformer: measured 30.24 dB with min/max, 30.73 with
   mse (same 32 rows, LiteRT vs float); still full-integer. (Before qlite's
-  LayerNorm form, qlite/layernorm.py, this ran on the NNX transformer:
+  LayerNorm form, qlite/ops/normalization.py, this ran on the NNX transformer:
   27.1 -> 28.2 dB; with it the NNX transformer measures 30.2 min/max,
   28.7 mse.)"""
   from qlite.zoo import registry

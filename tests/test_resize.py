@@ -3,12 +3,13 @@ composite: JAX numbers unchanged, one RESIZE_BILINEAR in LiteRT (float and
 int8), and the zoo U-Net exports with it."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import qlite
-from qlite.ops import composites
+from qlite.trace import intercept
 from qlite.annotate import ConversionProvider
 from qlite.litert import convert as litert
 from qlite.demo import run_tflite_batched
@@ -24,10 +25,18 @@ def _up2(x):
   return jax.image.resize(x, (n, 2 * h, 2 * w, c), "bilinear")
 
 
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    if e.primitive.name != "composite":    # not into its decomposition
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from _eqns(sub)
+
+
 def _composite_eqns(fn, *avals):
-  with composites.traced_as_composites():
+  with intercept.active():
     jaxpr = jax.make_jaxpr(fn)(*avals)
-  return [e for e in jaxpr.eqns if e.primitive.name == "composite"
+  return [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "composite"
           and e.params["name"] == NAME]
 
 
@@ -50,7 +59,7 @@ def test_composite_matches_jax_bilinear(shape):
   assert size.dtype == np.int64
   assert attrs["align_corners"] == (False,)
   assert set(attrs) == {"size", "align_corners"}
-  with composites.traced_as_composites():
+  with intercept.active():
     got = np.asarray(jax.jit(_up2)(x))
   want = np.asarray(_up2(x))
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
@@ -58,7 +67,7 @@ def test_composite_matches_jax_bilinear(shape):
 
 def test_vmap_of_jitted_resize_keeps_the_composite():
   x = _x((3, 2, 4, 6, 5))
-  with composites.traced_as_composites():
+  with intercept.active():
     f = jax.vmap(jax.jit(_up2))
     got = np.asarray(f(x))
     jaxpr = jax.make_jaxpr(f)(x)
@@ -76,7 +85,7 @@ def test_vmap_of_jitted_resize_keeps_the_composite():
 def test_other_resizes_are_left_alone(fn):
   x = _x((1, 4, 4, 3))
   assert not _composite_eqns(fn, x)
-  with composites.traced_as_composites():
+  with intercept.active():
     got = np.asarray(jax.jit(fn)(x))
   np.testing.assert_array_equal(got, np.asarray(fn(x)))
 
@@ -89,7 +98,7 @@ def test_litert_float_resize_bilinear_matches_jax():
   # LiteRT's RESIZE_BILINEAR (half_pixel_centers) clamps at the edges as
   # jax's bilinear does: the float .tflite gives jax's numbers.
   x = _x((3, 9, 6, 5))
-  with composites.traced_as_composites():
+  with intercept.active():
     blob = litert.convert_function(
         _up2, [jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)],
         quantized=False)

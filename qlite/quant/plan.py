@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlite.ops import op_table
+from qlite import ops
 from qlite.trace.graph import Graph, Lit, Node, bind
 from qlite.rules import QuantizationRule, RuleMatcher
 
@@ -31,7 +31,7 @@ class Boundary:
   source: str
   fixed_range: tuple[float, float] | None = None
   # The other boundaries whose values meet this one at a same-scale op
-  # (op_table.SAME_SCALE): all of them get the union of their ranges.
+  # (a same-scale op, qlite.ops): all of them get the union of their ranges.
   shares_with: tuple["Boundary", ...] = ()
   # How LiteRT's kernel rounds this value ("half_away": the output of an
   # average pool, whose int8 kernel rounds code sum / count half away from
@@ -73,10 +73,11 @@ class Plan:
     return {b.key: b for b in self.boundaries.values()}
 
 
-def _param_free_constants(graph: Graph) -> dict[int, Any]:
+def _param_free_constants(graph: Graph, registry: ops.Registry
+                          ) -> dict[int, Any]:
   """Values of small static vars that do not depend on params (literal
   broadcasts and the like) and feed a max / min / clamp, for pattern
-  matching (relu's 0, relu6's 6: :func:`op_table.relu_kind`). Computed in
+  matching (relu's 0, relu6's 6: handlers that ``reads_constant_values``). Computed in
   one jitted call (op-by-op evaluation compiled every primitive), and only
   for the vars those ops read (evaluating all of them compiled the UNet's
   resize index arithmetic too: 0.15 s)."""
@@ -95,7 +96,8 @@ def _param_free_constants(graph: Graph) -> dict[int, Any]:
     candidates.append(node)
     known.update(node.outputs)
   # keep the candidates that a max / min / clamp operand depends on
-  wanted = {a for n in graph.nodes if n.name in ("max", "min", "clamp")
+  wanted = {a for n in graph.nodes
+            if registry[n.name].reads_constant_values()
             for a in n.inputs if not isinstance(a, Lit) and a in known}
   nodes = []
   for node in reversed(candidates):
@@ -131,205 +133,226 @@ class _Keys:
     return base if n == 0 else f"{base}:{n}"
 
 
-def build_plan(graph: Graph, matcher: RuleMatcher) -> Plan:
-  """Returns the :class:`Plan` of ``graph`` under ``matcher``'s rules."""
-  known = _param_free_constants(graph)
-  keys = _Keys()
-  const_keys = _Keys()
+def build_plan(graph: Graph, matcher: RuleMatcher,
+               registry: ops.Registry = ops.REGISTRY) -> Plan:
+  """Returns the :class:`Plan` of ``graph`` under ``matcher``'s rules.
 
-  def static_value(node: Node, i: int):
+  Args:
+    graph: the traced model.
+    matcher: the quantization rules.
+    registry: the op handlers to ask (default: every handler qlite has).
+  """
+  return _Planner(graph, matcher, registry).plan()
+
+
+class _Planner:
+  """One pass over the graph in order; every op-specific decision is the
+  op handler's (:mod:`qlite.ops`)."""
+
+  def __init__(self, graph: Graph, matcher: RuleMatcher,
+               registry: ops.Registry):
+    self.graph = graph
+    self.matcher = matcher
+    self.registry = registry
+    self.known = _param_free_constants(graph, registry)
+    self.ctx = ops.PlanContext(graph, registry, self.static_value,
+                               self.is_const_operand)
+    self.keys = _Keys()
+    self.const_keys = _Keys()
+    self.rules: dict[int, tuple[int, QuantizationRule]] = {}
+    self.weights: dict[tuple[int, int], WeightSpec] = {}
+    self.consts: dict[tuple[int, int], ConstSpec] = {}
+    # anchor[var]: the conv / dot_general of a fusable chain ending at var
+    self.anchor: dict[int, Node] = {}
+    self.out_boundary: dict[int, Node] = {}   # var -> the node it is keyed by
+    self.quantized: set[int] = set()
+    self.fused: set[int] = set()      # bias / activation folded into a chain
+    self.activated: set[int] = set()  # chain values already past a relu
+    self.sum_scale: dict[int, Node] = {}  # scaling node -> its sum producer
+    self.boundaries: dict[int, Boundary] = {}
+
+  # -- operand classification
+  def static_value(self, node: Node, i: int):
     a = node.inputs[i]
     if isinstance(a, Lit):
       return np.asarray(a.value)
-    return known.get(a)
+    return self.known.get(a)
 
-  def is_act(a) -> bool:
-    return graph.is_activation(a)
-
-  rules: dict[int, tuple[int, QuantizationRule]] = {}
-  weights: dict[tuple[int, int], WeightSpec] = {}
-  consts: dict[tuple[int, int], ConstSpec] = {}
-  # anchor[var] = (anchor node, rule) of a fusable chain ending at var.
-  anchor: dict[int, Node] = {}
-  out_boundary: dict[int, Node] = {}      # var -> the node it is keyed by
-  quantized: set[int] = set()
-  fused_nodes: set[int] = set()     # bias / activation folded into a chain
-  activated: set[int] = set()       # chain values already past a relu
-  sum_scale: dict[int, Node] = {}   # div/mul node -> its reduce_sum producer
-
-  def is_const_operand(node: Node, i: int) -> bool:
+  def is_const_operand(self, node: Node, i: int) -> bool:
     a = node.inputs[i]
     if isinstance(a, Lit):
       return np.issubdtype(np.asarray(a.value).dtype, np.floating)
-    return (not is_act(a)) and graph.is_float(a)
+    return (not self.graph.is_activation(a)) and self.graph.is_float(a)
 
-  for node in graph.nodes:
-    act_outs = [o for o in node.outputs if is_act(o)]
-    if not act_outs and node.name in op_table.COMPARE and any(
-        is_act(a) for a in node.inputs):
-      m = matcher.match(node.module_path, node.name)
-      if m is not None and m[1].act_qtype is not None:
-        rules[node.index] = m
-        quantized.add(node.index)
-        for i in range(len(node.inputs)):
-          if is_const_operand(node, i):
-            consts[(node.index, i)] = ConstSpec(
-                node.index, i, m[1],
-                const_keys.make(node.module_path, node.name) + f":const{i}")
-      continue
+  def _add_consts(self, node: Node, rule) -> None:
+    for i, reciprocal in self.registry[node.name].quantized_constants(
+        node, self.ctx):
+      self.consts[(node.index, i)] = ConstSpec(
+          node.index, i, rule,
+          self.const_keys.make(node.module_path, node.name) + f":const{i}",
+          reciprocal=reciprocal)
+
+  # -- the pass
+  def plan(self) -> Plan:
+    for node in self.graph.nodes:
+      self._visit(node)
+    self._output_boundaries()
+    self._input_boundaries()
+    self._rounding()
+    _share_scales(self.graph, self.boundaries, self.quantized - self.fused,
+                  {s.index: self.graph.nodes[c]
+                   for c, s in self.sum_scale.items()}, self.ctx)
+    ordered = dict(sorted(self.boundaries.items(), key=lambda kv: kv[0]))
+    return Plan(ordered, self.weights, self.consts, self.quantized,
+                self.fused)
+
+  def _visit(self, node: Node) -> None:
+    graph, handler = self.graph, self.registry[node.name]
+    act_outs = [o for o in node.outputs if graph.is_activation(o)]
     if not act_outs:
-      continue
-    m = matcher.match(node.module_path, node.name)
+      if handler.quantizes_without_float_output(node) and any(
+          graph.is_activation(a) for a in node.inputs):
+        m = self.matcher.match(node.module_path, node.name)
+        if m is not None and m[1].act_qtype is not None:
+          self.rules[node.index] = m
+          self.quantized.add(node.index)
+          self._add_consts(node, m[1])
+      return
+    m = self.matcher.match(node.module_path, node.name)
     if m is None:
-      continue
-    idx, rule = m
-    rules[node.index] = m
-    act_ins = [i for i, a in enumerate(node.inputs) if is_act(a)]
+      return
+    rule = m[1]
+    self.rules[node.index] = m
+    act_ins = [i for i, a in enumerate(node.inputs) if graph.is_activation(a)]
     static_float_ins = [i for i, a in enumerate(node.inputs)
-                        if not isinstance(a, Lit) and not is_act(a)
-                        and graph.is_float(a)]
+                        if not isinstance(a, Lit)
+                        and not graph.is_activation(a) and graph.is_float(a)]
     if rule.act_qtype is not None:
-      quantized.add(node.index)
-    name = node.name
-    if name in op_table.WEIGHTED and len(act_ins) == 1 and static_float_ins:
+      self.quantized.add(node.index)
+    role = handler.role(node)
+    if role == ops.WEIGHTED and len(act_ins) == 1 and static_float_ins:
       w = static_float_ins[0]
       if rule.weight_qtype is not None:
         ndim = len(graph.avals[node.inputs[w]].shape)
-        weights[(node.index, w)] = WeightSpec(
-            node.index, w, op_table.weight_channel_axis(node, w, ndim), rule,
-            const_keys.make(node.module_path, name) + ":weight")
-      anchor[node.outputs[0]] = node
-      out_boundary[node.outputs[0]] = node
-      continue
-    if name in op_table.PASS_THROUGH:
-      continue
-    if name in op_table.SUM_THEN_SCALE and len(node.outputs) == 1:
-      cons = graph.consumers.get(node.outputs[0], [])
-      if len(cons) == 1 and cons[0].name in op_table.SCALE_BY_CONST and \
-          node.outputs[0] not in graph.out_vars and \
-          any(is_const_operand(cons[0], i) for i in range(2)):
-        sum_scale[cons[0].index] = node
-        continue      # the boundary goes after the scaling
-    if node.index in sum_scale:
-      fused_nodes.add(node.index)
-      for o in act_outs:
-        out_boundary[o] = node
-      continue
-    src = node.inputs[act_ins[0]] if len(act_ins) == 1 else None
-    if src is not None and src in anchor and len(graph.consumers[src]) == 1 \
-        and src not in graph.out_vars:
-      chain = anchor[src]
-      fused = False
-      direct = graph.producer.get(src) is chain
-      if name in op_table.AFFINE and static_float_ins and \
-          src not in activated and ((name in op_table.BIAS and direct) or (
-              chain.name == "conv_general_dilated" and _per_channel_const(
-                  graph, node, static_float_ins[0], node.inputs[act_ins[0]]))):
-        # bias, BatchNorm (sub mean, mul scale, add offset): the converter
-        # folds per-channel affine ops into the conv / fully_connected.
-        # (Not for a 1-D conv: the converter reshapes it to 2-D between
-        # the conv and what follows; checked below.)
-        fused = True
-      elif op_table.relu_kind(node, lambda i: static_value(node, i)):
-        kind = op_table.relu_kind(node, lambda i: static_value(node, i))
-        prev = graph.producer.get(src)
-        if kind in ("relu", "relu6") or (
-            kind == "min6" and prev is not None and prev.name == "max"):
-          fused = True
-      if fused and _is_conv_1d(chain):
-        fused = False
-      if fused:
-        fused_nodes.add(node.index)
-        out_boundary.pop(src, None)
-        if name not in op_table.AFFINE:
-          activated.add(node.outputs[0])
-        anchor[node.outputs[0]] = chain
-        out_boundary[node.outputs[0]] = chain
-        continue
-    # A plain compute op: constants it reads are quantized per tensor
-    # (relu's 0 and relu6's 6 excepted: the converter matches those).
-    if name in op_table.ELEMENTWISE_WITH_CONST and not op_table.relu_kind(
-        node, lambda i: static_value(node, i)):
-      for i in range(len(node.inputs)):
-        if not is_const_operand(node, i):
-          continue
-        consts[(node.index, i)] = ConstSpec(
-            node.index, i, rule,
-            const_keys.make(node.module_path, name) + f":const{i}",
-            reciprocal=(name == "div" and i == 1))
-    for o in act_outs:
-      out_boundary[o] = node
-
-  boundaries: dict[int, Boundary] = {}
-
-  def add_boundary(var: int, keyed_by: Node | None, rule_m, op: str,
-                   module_path: str, source: str, key: str | None = None):
-    idx, rule = rule_m
-    if rule.act_qtype is None or var in boundaries:
+        self.weights[(node.index, w)] = WeightSpec(
+            node.index, w, handler.weight_axis(node, w, ndim), rule,
+            self.const_keys.make(node.module_path, node.name) + ":weight")
+      self.anchor[node.outputs[0]] = node
+      self.out_boundary[node.outputs[0]] = node
       return
-    fixed = op_table.FIXED_RANGE.get(op) if keyed_by is not None else None
+    if role == ops.PASS_THROUGH:
+      return
+    if len(node.outputs) == 1:
+      cons = graph.consumers.get(node.outputs[0], [])
+      if len(cons) == 1 and node.outputs[0] not in graph.out_vars and \
+          handler.scale_fuses_into(node, cons[0], self.ctx):
+        self.sum_scale[cons[0].index] = node
+        return      # the boundary goes after the scaling
+    if node.index in self.sum_scale:
+      self.fused.add(node.index)
+      for o in act_outs:
+        self.out_boundary[o] = node
+      return
+    if len(act_ins) == 1 and self._fuse_into_chain(node, handler,
+                                                   node.inputs[act_ins[0]]):
+      return
+    # A plain compute op: the constants it reads are quantized per tensor
+    # (as its handler says: relu's 0 and relu6's 6 are left to the converter).
+    self._add_consts(node, rule)
+    for o in act_outs:
+      self.out_boundary[o] = node
+
+  def _fuse_into_chain(self, node: Node, handler, src: int) -> bool:
+    graph = self.graph
+    if src not in self.anchor or len(graph.consumers[src]) != 1 or \
+        src in graph.out_vars:
+      return False
+    chain = self.anchor[src]
+    direct = graph.producer.get(src) is chain
+    kind = handler.chain_fusion(node, self.ctx, chain, direct,
+                                src in self.activated)
+    if kind is None or not self.registry[chain.name].accepts_fusion(chain):
+      return False
+    self.fused.add(node.index)
+    self.out_boundary.pop(src, None)
+    if kind == "activation":
+      self.activated.add(node.outputs[0])
+    self.anchor[node.outputs[0]] = chain
+    self.out_boundary[node.outputs[0]] = chain
+    return True
+
+  # -- boundaries
+  def _add_boundary(self, var: int, keyed_by: Node | None, rule_m, op: str,
+                    module_path: str, source: str, key: str | None = None):
+    idx, rule = rule_m
+    if rule.act_qtype is None or var in self.boundaries:
+      return
+    fixed = self.registry[op].fixed_range(op) if keyed_by is not None \
+        else None
     if fixed is None and rule.act_calibration_method == "fixed":
       fixed = tuple(rule.act_fixed_range)
-    boundaries[var] = Boundary(var, key or keys.make(module_path, op), rule,
-                               idx, module_path, op, source, fixed)
+    self.boundaries[var] = Boundary(
+        var, key or self.keys.make(module_path, op), rule, idx, module_path,
+        op, source, fixed)
 
-  # Output boundaries, in graph order of the value's definition.
-  for node in graph.nodes:
-    for o in node.outputs:
-      if o in out_boundary:
-        key_node = out_boundary[o]
-        op = node.name if node.name in op_table.FIXED_RANGE else key_node.name
-        add_boundary(o, key_node, rules[key_node.index], op,
-                     key_node.module_path, key_node.source)
+  def _output_boundaries(self) -> None:
+    """Output boundaries, in graph order of the value's definition."""
+    for node in self.graph.nodes:
+      for o in node.outputs:
+        if o in self.out_boundary:
+          key_node = self.out_boundary[o]
+          op = node.name if self.registry[node.name].fixed_range(node.name) \
+              is not None else key_node.name
+          self._add_boundary(o, key_node, self.rules[key_node.index], op,
+                             key_node.module_path, key_node.source)
 
-  # Every activation input of a quantized op must itself be quantized:
-  # walk back through pass-through ops to the value that carries the scale.
-  arg_index = {v: i for i, v in enumerate(graph.arg_vars)}
-  for node in graph.nodes:
-    if node.index not in quantized or node.index in fused_nodes:
-      continue
-    for a in node.inputs:
-      if not is_act(a):
+  def _input_boundaries(self) -> None:
+    """Every activation input of a quantized op is itself quantized: walk
+    back through pass-through ops to the value that carries the scale."""
+    graph = self.graph
+    arg_index = {v: i for i, v in enumerate(graph.arg_vars)}
+    for node in graph.nodes:
+      if node.index not in self.quantized or node.index in self.fused:
         continue
-      src = _scale_source(graph, a)
-      if src in boundaries:
+      for a in node.inputs:
+        if not graph.is_activation(a):
+          continue
+        src = _scale_source(graph, a, self.registry)
+        if src in self.boundaries:
+          continue
+        if src in arg_index:
+          self._add_boundary(src, None, self.rules[node.index], "input", "",
+                             "model input", key=f"input{arg_index[src]}")
+        else:
+          prod = graph.producer[src]
+          self._add_boundary(src, None, self.rules[node.index], prod.name,
+                             prod.module_path, prod.source)
+
+  def _rounding(self) -> None:
+    for scale_index, summed in self.sum_scale.items():
+      rounding = self.registry[summed.name].output_rounding(summed)
+      if rounding is None:
         continue
-      if src in arg_index:
-        add_boundary(src, None, rules[node.index], "input", "", "model input",
-                     key=f"input{arg_index[src]}")
-      else:
-        prod = graph.producer[src]
-        add_boundary(src, None, rules[node.index], prod.name,
-                     prod.module_path, prod.source)
-  for scale_index, summed in sum_scale.items():
-    if summed.name != "reduce_window_sum":
-      continue
-    for o in graph.nodes[scale_index].outputs:
-      b = boundaries.get(o)
-      if b is not None and b.fixed_range is None:
-        boundaries[o] = dataclasses.replace(b, rounding="half_away")
-  _share_scales(graph, boundaries, quantized - fused_nodes,
-                {s.index: graph.nodes[c] for c, s in sum_scale.items()},
-                static_value)
-  ordered = dict(sorted(boundaries.items(), key=lambda kv: kv[0]))
-  return Plan(ordered, weights, consts, quantized, fused_nodes)
+      for o in self.graph.nodes[scale_index].outputs:
+        b = self.boundaries.get(o)
+        if b is not None and b.fixed_range is None:
+          self.boundaries[o] = dataclasses.replace(b, rounding=rounding)
 
 
 def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
                   quantized: set[int], scaled_by: dict[int, Node],
-                  static_value) -> None:
-  """Joins the boundaries that meet at a same-scale op (op_table.SAME_SCALE:
-  its output and, through pass-through ops, each activation input) into
-  groups that share one range, in place: LiteRT's int8 CONCATENATION, PAD,
-  MAXIMUM / MINIMUM and AVERAGE_POOL_2D need their inputs at the output's
-  scale, so one range (the union: nothing that was representable is
-  clipped) makes the converter insert no requantize and keeps the
-  fake-quant model and the .tflite rounding at the same points.
-  ``scaled_by``: reduce_window_sum node -> the division / multiplication
-  that makes it an average pool; ``static_value(node, i)``: operand i's
-  constant value or None. Boundaries with a fixed range (softmax,
-  logistic, tanh, rule-fixed) keep it, and only boundaries of one qtype
-  share."""
+                  ctx: ops.PlanContext) -> None:
+  """Joins the boundaries that meet at a same-scale op (its handler's
+  ``same_scale_output``: its output and, through pass-through ops, each
+  activation input) into groups that share one range, in place: LiteRT's
+  int8 CONCATENATION, PAD, MAXIMUM / MINIMUM, AVERAGE_POOL_2D and
+  RESIZE_BILINEAR need their inputs at the output's scale, so one range
+  (the union: nothing that was representable is clipped) makes the
+  converter insert no requantize and keeps the fake-quant model and the
+  .tflite rounding at the same points. ``scaled_by``: reduce_window_sum
+  node -> the division / multiplication that makes it an average pool.
+  Boundaries with a fixed range (softmax, logistic, tanh, rule-fixed) keep
+  it, and only boundaries of one qtype share."""
   parent: dict[int, int] = {}
 
   def find(v: int) -> int:
@@ -338,22 +361,15 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
     return v
 
   for node in graph.nodes:
-    if node.index not in quantized or node.name not in op_table.SAME_SCALE:
+    if node.index not in quantized:
       continue
+    outs = ctx.handler(node).same_scale_output(node, ctx, scaled_by)
+    if not outs:
+      continue
+    out = outs[0]
     acts = [a for a in node.inputs if graph.is_activation(a)]
-    if node.name == "reduce_window_sum":
-      if node.index not in scaled_by:
-        continue                      # a plain windowed sum, not a pool
-      out = scaled_by[node.index].outputs[0]
-    elif node.name in ("max", "min") and len(acts) < 2:
-      continue                        # relu clamps, max / min with a constant
-    else:
-      out = node.outputs[0]
-    members = [out] + [_scale_source(graph, a) for a in acts]
-    if node.name == "reduce_window_sum":
-      # LiteRT fuses a following relu / relu6 into AVERAGE_POOL_2D, whose
-      # output must keep the input's scale: the clamp's boundary joins too
-      members += _fused_clamp_outputs(graph, out, static_value)
+    members = [out] + [_scale_source(graph, a, ctx.registry) for a in acts] \
+        + outs[1:]
     members = [v for v in members if v in boundaries
                and boundaries[v].fixed_range is None]
     if len(members) < 2 or members[0] != out:
@@ -374,54 +390,12 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
           own[v], shares_with=tuple(own[o] for o in group if o != v))
 
 
-def _fused_clamp_outputs(graph: Graph, var: int, static_value) -> list[int]:
-  """Outputs of the chain of relu / relu6 clamps (op_table.relu_kind) that
-  is ``var``'s only consumer, in order."""
-  outs = []
-  while var not in graph.out_vars:
-    cons = graph.consumers.get(var, [])
-    if len(cons) != 1:
-      break
-    node = cons[0]
-    if not op_table.relu_kind(node, lambda i, n=node: static_value(n, i)):
-      break
-    var = node.outputs[0]
-    outs.append(var)
-  return outs
-
-
-def _per_channel_const(graph: Graph, node: Node, const_pos: int,
-                       act) -> bool:
-  """True when the constant operand broadcasts along the last (channel)
-  axis only: a scalar or shape (..., 1, C)."""
-  a = node.inputs[const_pos]
-  if isinstance(a, Lit):
-    return np.size(a.value) == 1
-  cshape = tuple(graph.avals[a].shape)
-  ashape = tuple(graph.avals[act].shape)
-  if int(np.prod(cshape)) == 1:
-    return True
-  if not cshape or cshape[-1] != ashape[-1]:
-    return False
-  if node.name == "sub" and const_pos == 0:   # c - x flips the sign: no
-    return False
-  if node.name == "div" and const_pos == 0:
-    return False
-  return all(d == 1 for d in cshape[:-1])
-
-
-def _is_conv_1d(node: Node) -> bool:
-  if node.name != "conv_general_dilated":
-    return False
-  return len(node.params["dimension_numbers"].lhs_spec) == 3
-
-
-def _scale_source(graph: Graph, var: int) -> int:
+def _scale_source(graph: Graph, var: int, registry: ops.Registry) -> int:
   """Follows pass-through producers back to the value whose scale ``var``
   shares."""
   while True:
     node = graph.producer.get(var)
-    if node is None or node.name not in op_table.PASS_THROUGH:
+    if node is None or registry[node.name].role(node) != ops.PASS_THROUGH:
       return var
     acts = [a for a in node.inputs if graph.is_activation(a)]
     if len(acts) != 1:

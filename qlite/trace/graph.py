@@ -21,8 +21,8 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from qlite.ops import composites
 from qlite.errors import QliteError
+from qlite.trace import intercept
 from qlite.trace.flax_hooks import ModelFunction
 
 # Higher-order primitives whose body is inlined, and the param holding it.
@@ -31,6 +31,7 @@ _INLINE_PARAMS = {
     "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
     "remat": "jaxpr", "checkpoint": "jaxpr", "custom_lin": None,
+    "custom_vmap_call": "call",
 }
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in
@@ -163,7 +164,7 @@ def _trace(mf: ModelFunction, flat_params, params_tree, flat_args,
   specs = [jax.ShapeDtypeStruct(np.shape(x), _dtype_of(x))
            for x in flat_params + flat_args]
   try:
-    with composites.traced_as_composites():
+    with intercept.active():
       closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*specs)
   except QliteError:
     raise

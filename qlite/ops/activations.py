@@ -1,0 +1,89 @@
+"""Clamps and simple activations: MAXIMUM / MINIMUM, relu / relu6 fused into
+the conv / fully-connected before them, and ``jax.nn.leaky_relu`` traced as
+``max(x, a * x)``.
+
+* ``max(x, 0)``, ``clamp(0, x, 6)`` and ``min(max(x, 0), 6)`` after a conv /
+  fully-connected fuse into it as RELU / RELU6; their 0 and 6 stay as they
+  are (the converter matches them).
+* MAXIMUM / MINIMUM of two activations read both at the output's scale.
+* Other constants they read get a per-tensor boundary.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from qlite.ops import base
+from qlite.trace import intercept
+
+
+def relu_kind(node, static_value) -> str | None:
+  """'relu' for max(x, 0), 'min6' for min(x, 6), 'relu6' for clamp(0, x, 6);
+  None otherwise. ``static_value(i)`` returns operand i's constant or None."""
+  if node.name == "max":
+    for i in (0, 1):
+      if base.is_zero(static_value(i)):
+        return "relu"
+  if node.name == "min":
+    for i in (0, 1):
+      if base.all_equal(static_value(i), 6):
+        return "min6"
+  if node.name == "clamp":
+    lo, hi = static_value(0), static_value(2)
+    if base.is_zero(lo) and hi is not None and np.all(np.asarray(hi) == 6):
+      return "relu6"
+  return None
+
+
+class Clamp(base.OpHandler):
+  family = "clamp"
+  primitives = frozenset({"max", "min", "clamp"})
+  litert_ops = ("MAXIMUM", "MINIMUM", "RELU", "RELU6")
+
+  def activation_kind(self, node, ctx):
+    return relu_kind(node, lambda i: ctx.static_value(node, i))
+
+  def reads_constant_values(self) -> bool:
+    return True
+
+  def chain_fusion(self, node, ctx, chain, direct, activated):
+    kind = self.activation_kind(node, ctx)
+    if kind in ("relu", "relu6"):
+      return "activation"
+    if kind == "min6":
+      prev = ctx.graph.producer.get(node.inputs[ctx.activation_inputs(node)[0]])
+      if prev is not None and prev.name == "max":
+        return "activation"
+    return None
+
+  def quantized_constants(self, node, ctx):
+    if self.activation_kind(node, ctx):
+      return []
+    return [(i, False) for i in range(len(node.inputs))
+            if ctx.is_const_operand(node, i)]
+
+  def same_scale_output(self, node, ctx, scaled_by):
+    if node.name == "clamp" or len(ctx.activation_inputs(node)) < 2:
+      return None                 # relu clamps, max / min with a constant
+    return [node.outputs[0]]
+
+
+def _leaky_relu(original, x, negative_slope=1e-2):
+  # The where / compare form leaves GREATER_EQUAL in float. max(x, a*x) ==
+  # leaky_relu for 0 <= a <= 1 (MAXIMUM, MUL: int8 kernels). A slope passed
+  # explicitly reaches jax.nn.leaky_relu's jitted body as a tracer of
+  # unknown value: max(x, 0) + a * min(x, 0) holds for any slope.
+  if isinstance(negative_slope, (int, float)) and 0.0 <= negative_slope <= 1.0:
+    return jax.numpy.maximum(x, negative_slope * x)
+  if getattr(x, "dtype", None) is not None and \
+      jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+    zero = jax.numpy.zeros((), x.dtype)
+    return jax.numpy.maximum(x, zero) + negative_slope * jax.numpy.minimum(
+        x, zero)
+  return original(x, negative_slope)
+
+
+intercept.register(jax.nn.leaky_relu, _leaky_relu)
+
+HANDLERS = (Clamp(),)

@@ -1,0 +1,102 @@
+"""Elementwise arithmetic: ADD, SUB, MUL, DIV (as MUL), POW, SELECT and the
+comparisons.
+
+* A constant operand gets a per-tensor boundary: the converter leaves an op
+  in float when one of its operands is a float constant.
+* Division by a constant runs as a multiplication by its quantized
+  reciprocal (LiteRT's int8 DIV is unreliable).
+* After a conv / fully-connected: an ``add`` / ``sub`` of a constant straight
+  after it is its bias; after a conv, per-channel ``add`` / ``sub`` / ``mul``
+  / ``div`` (BatchNorm's shift and scale) fold into it too.
+* ``mul`` / ``div`` by a constant after a sum make one MEAN / AVERAGE_POOL_2D
+  (see :mod:`qlite.ops.reductions`).
+* Comparisons have a bool output but their constant operands are quantized
+  so they run on int8 inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qlite.ops import base
+
+BIAS = frozenset({"add", "sub"})
+AFFINE = frozenset({"add", "sub", "mul", "div"})
+COMPARE = frozenset({"ge", "gt", "le", "lt", "eq", "ne"})
+
+
+def _const_operands(node, ctx) -> list[int]:
+  return [i for i in range(len(node.inputs)) if ctx.is_const_operand(node, i)]
+
+
+def _per_channel_const(graph, node, const_pos: int, act) -> bool:
+  """True when the constant operand broadcasts along the last (channel)
+  axis only: a scalar or shape (..., 1, C)."""
+  a = node.inputs[const_pos]
+  if not isinstance(a, int):
+    return np.size(a.value) == 1
+  cshape = tuple(graph.avals[a].shape)
+  ashape = tuple(graph.avals[act].shape)
+  if int(np.prod(cshape)) == 1:
+    return True
+  if not cshape or cshape[-1] != ashape[-1]:
+    return False
+  if node.name in ("sub", "div") and const_pos == 0:   # c - x, c / x: no
+    return False
+  return all(d == 1 for d in cshape[:-1])
+
+
+class Arithmetic(base.OpHandler):
+  family = "elementwise"
+  primitives = AFFINE
+  litert_ops = ("ADD", "SUB", "MUL")
+  notes = "div by a constant runs as MUL by its quantized reciprocal"
+
+  def chain_fusion(self, node, ctx, chain, direct, activated):
+    graph = ctx.graph
+    static_float = [i for i, a in enumerate(node.inputs)
+                    if isinstance(a, int) and not graph.is_activation(a)
+                    and graph.is_float(a)]
+    if not static_float or activated:
+      return None
+    if node.name in BIAS and direct:
+      return "affine"
+    acts = ctx.activation_inputs(node)
+    if getattr(ctx.handler(chain), "fuses_per_channel_affine", False) and \
+        _per_channel_const(graph, node, static_float[0],
+                           node.inputs[acts[0]]):
+      return "affine"
+    return None
+
+  def quantized_constants(self, node, ctx):
+    return [(i, node.name == "div" and i == 1)
+            for i in _const_operands(node, ctx)]
+
+  def scales_by_constant(self, node, ctx) -> bool:
+    return node.name in ("div", "mul") and any(
+        ctx.is_const_operand(node, i) for i in range(2))
+
+
+class OtherBinary(base.OpHandler):
+  family = "elementwise_other"
+  primitives = frozenset({"pow", "select_n", "atan2", "rem"})
+  litert_ops = ("POW", "SELECT_V2")
+
+  def quantized_constants(self, node, ctx):
+    return [(i, False) for i in _const_operands(node, ctx)]
+
+
+class Compare(base.OpHandler):
+  family = "compare"
+  primitives = COMPARE
+  litert_ops = ("GREATER_EQUAL", "GREATER", "LESS_EQUAL", "LESS", "EQUAL",
+                "NOT_EQUAL")
+
+  def quantizes_without_float_output(self, node) -> bool:
+    return True
+
+  def quantized_constants(self, node, ctx):
+    return [(i, False) for i in _const_operands(node, ctx)]
+
+
+HANDLERS = (Arithmetic(), OtherBinary(), Compare())
