@@ -14,11 +14,9 @@ import re
 import warnings
 from typing import Sequence
 
-from qlite.core import qtypes
-from qlite.core.calibration import CALIBRATION_METHODS
-from qlite.errors import RuleError, QTypeError
-
-AGGREGATIONS = ("global", "ema", "percentile")
+from qlite.core import calibration, qtypes
+from qlite.core.calibration import AGGREGATIONS
+from qlite.errors import CalibrationError, RuleError, QTypeError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,12 +31,16 @@ class QuantizationRule:
     act_qtype: qtype of activations; ``None`` keeps activations in float.
     act_static_scale: static (calibrated) activation scales (SRQ) when True,
       scales computed on the fly (dynamic range, XLA backend only) when False.
-    act_calibration_method: ``minmax``, ``absmax``, ``rms``, ``percentile``
-      or ``fixed`` (needs ``act_fixed_range``); ``None`` (default) uses the
+    act_calibration_method: a registered calibration method
+      (:func:`qlite.core.calibration.method_names`; built in: ``minmax``,
+      ``absmax``, ``rms``, ``fixed`` (needs ``act_fixed_range``),
+      ``percentile``, ``mse``, ``quantile``); ``None`` (default) uses the
       ``method`` given to :func:`qlite.calibrate` (``minmax`` by default).
-    act_aggregation: how per-batch statistics combine: ``global`` running
-      min/max (default), ``ema`` moving average, ``percentile`` mean.
-    act_fixed_range: ``(lo, hi)`` for ``act_calibration_method="fixed"``.
+    act_aggregation: how per-batch statistics combine
+      (:data:`qlite.core.calibration.AGGREGATIONS`): ``global`` running
+      min/max (default), ``ema`` moving average, ``percentile`` mean of the
+      per-batch percentiles. Read by ``minmax`` and ``absmax``.
+    act_fixed_range: ``(lo, hi)`` for a method that needs one (``fixed``).
     weight_calibration_method: ``absmax`` (symmetric, default) or ``minmax``.
     weight_tile_size: sub-channel tile size along the contraction axis (XLA).
   """
@@ -76,16 +78,19 @@ class QuantizationRule:
         except QTypeError as e:
           raise QTypeError(f"QuantizationRule(module_path={self.module_path!r})"
                            f".{field}: {e}") from None
-    if self.act_calibration_method is not None and \
-        self.act_calibration_method not in CALIBRATION_METHODS:
-      raise RuleError(
-          f"QuantizationRule(module_path={self.module_path!r}): unknown "
-          f"act_calibration_method {self.act_calibration_method!r}; choose one "
-          f"of {', '.join(CALIBRATION_METHODS)}")
-    if self.act_calibration_method == "fixed" and self.act_fixed_range is None:
-      raise RuleError(
-          f"QuantizationRule(module_path={self.module_path!r}): "
-          f"act_calibration_method='fixed' needs act_fixed_range=(lo, hi)")
+    if self.act_calibration_method is not None:
+      try:
+        method = calibration.get_method(self.act_calibration_method)
+      except CalibrationError:
+        raise RuleError(
+            f"QuantizationRule(module_path={self.module_path!r}): unknown "
+            f"act_calibration_method {self.act_calibration_method!r}; choose "
+            f"one of {', '.join(calibration.method_names())}") from None
+      if method.needs_fixed_range and self.act_fixed_range is None:
+        raise RuleError(
+            f"QuantizationRule(module_path={self.module_path!r}): "
+            f"act_calibration_method={method.name!r} needs "
+            f"act_fixed_range=(lo, hi)")
     if self.act_aggregation not in AGGREGATIONS:
       raise RuleError(
           f"QuantizationRule(module_path={self.module_path!r}): unknown "

@@ -3,11 +3,13 @@
 Everything both backends (ODML annotate and XLA PTQ) share is defined here once.
 """
 
-from qlite.core.calibration import CALIBRATION_METHODS
+from qlite.core import calibration as _calibration
+from qlite.core.calibration import CalibrationMethod
 from qlite.core.calibration import activation_range
 from qlite.core.calibration import aggregate
 from qlite.core.calibration import batch_stats
 from qlite.core.calibration import check_finite
+from qlite.core.calibration import register as register_calibration_method
 from qlite.core.numerics import ZERO_RANGE_SCALE
 from qlite.core.numerics import dequantize_values
 from qlite.core.numerics import fake_quant
@@ -23,6 +25,7 @@ from qlite.core.stats import QuantStats
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "CalibrationMethod",
     "NF4_LEVELS",
     "QArray",
     "QType",
@@ -38,5 +41,13 @@ __all__ = [
     "get_qtype",
     "quantize",
     "quantize_values",
+    "register_calibration_method",
     "scale_zero_point",
 ]
+
+
+def __getattr__(name: str):
+  # CALIBRATION_METHODS: a live view of the method registry (PEP 562)
+  if name == "CALIBRATION_METHODS":
+    return _calibration.CALIBRATION_METHODS
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

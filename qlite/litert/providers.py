@@ -52,9 +52,7 @@ class CalibrationProvider(_PlannedProvider):
   def __init__(self, rules: Sequence[QuantizationRule], *,
                method: str = "minmax"):
     super().__init__(rules)
-    if method not in calibration.CALIBRATION_METHODS:
-      raise CalibrationError(f"unknown calibration method {method!r}; choose "
-                             f"one of {', '.join(calibration.CALIBRATION_METHODS)}")
+    calibration.get_method(method)   # CalibrationError naming the valid ones
     self.method = method
     self.records: dict[str, dict] = {}
     self.num_batches = 0
@@ -87,11 +85,14 @@ class CalibrationProvider(_PlannedProvider):
     return outs
 
   def needs_percentiles(self, b) -> bool:
-    return ((b.rule.act_calibration_method or self.method) == "percentile"
-            or b.rule.act_aggregation == "percentile")
+    """True when boundary ``b``'s range method or aggregation reads the
+    per-batch percentiles (the registered method declares it)."""
+    return calibration.needs_percentiles(
+        b.rule.act_calibration_method or self.method, b.rule.act_aggregation)
 
   def needs_histogram(self, b) -> bool:
-    """True when boundary ``b``'s range method reads the histograms."""
+    """True when boundary ``b``'s range method reads the histograms (the
+    registered method declares it)."""
     return calibration.needs_histogram(b.rule.act_calibration_method
                                        or self.method)
 

@@ -15,6 +15,20 @@ ZERO_RANGE_WIDTH = 1e-6
 
 
 def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
+  """The calibrated ``(lo, hi)`` of boundary ``b`` alone: its fixed range, or
+  the range its rule's method (else the calibration's ``method``) gives.
+
+  Args:
+    b: a plan boundary.
+    stats: the calibration statistics.
+
+  Returns:
+    ``(lo, hi)`` python floats.
+
+  Raises:
+    CalibrationError: no record for ``b``, or the method cannot compute a
+      range from it.
+  """
   if b.fixed_range is not None:
     return b.fixed_range
   if stats is None or b.key not in stats:
@@ -25,12 +39,11 @@ def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
   method = b.rule.act_calibration_method or stats.meta.get("method",
                                                            "minmax")
   qt = qtypes.get_qtype(b.rule.act_qtype)
-  if qt.kind != qtypes.INT and method == "mse":
-    method = "minmax"     # its noise model is that of a uniform int grid
+  # the registry hands a method that does not suit qt.kind to its fallback
   return calibration.activation_range(
       stats[b.key], method, aggregation=b.rule.act_aggregation,
       fixed_range=b.rule.act_fixed_range, levels=int(qt.qmax - qt.qmin),
-      name=b.key)
+      name=b.key, qtype_kind=qt.kind)
 
 
 def boundary_range(b, stats: QuantStats | None) -> tuple[float, float]:
