@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import ops
+from qlite.core import calibration
 from qlite.trace.graph import Graph, Lit, Node, bind
 from qlite.rules import QuantizationRule, RuleMatcher
 
@@ -289,7 +290,8 @@ class _Planner:
       return
     fixed = self.registry[op].fixed_range(op) if keyed_by is not None \
         else None
-    if fixed is None and rule.act_calibration_method == "fixed":
+    if fixed is None and rule.act_calibration_method is not None and \
+        calibration.get_method(rule.act_calibration_method).needs_fixed_range:
       fixed = tuple(rule.act_fixed_range)
     self.boundaries[var] = Boundary(
         var, key or self.keys.make(module_path, op), rule, idx, module_path,
@@ -317,7 +319,7 @@ class _Planner:
       for a in node.inputs:
         if not graph.is_activation(a):
           continue
-        src = _scale_source(graph, a, self.registry)
+        src = scale_source(graph, a, self.registry)
         if src in self.boundaries:
           continue
         if src in arg_index:
@@ -368,7 +370,7 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
       continue
     out = outs[0]
     acts = [a for a in node.inputs if graph.is_activation(a)]
-    members = [out] + [_scale_source(graph, a, ctx.registry) for a in acts] \
+    members = [out] + [scale_source(graph, a, ctx.registry) for a in acts] \
         + outs[1:]
     members = [v for v in members if v in boundaries
                and boundaries[v].fixed_range is None]
@@ -390,9 +392,10 @@ def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
           own[v], shares_with=tuple(own[o] for o in group if o != v))
 
 
-def _scale_source(graph: Graph, var: int, registry: ops.Registry) -> int:
-  """Follows pass-through producers back to the value whose scale ``var``
-  shares."""
+def scale_source(graph: Graph, var: int,
+                 registry: ops.Registry = ops.REGISTRY) -> int:
+  """Returns the value whose scale ``var`` shares: ``var`` itself, or what
+  its pass-through producers (reshape, transpose, max pool...) read."""
   while True:
     node = graph.producer.get(var)
     if node is None or registry[node.name].role(node) != ops.PASS_THROUGH:

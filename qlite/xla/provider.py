@@ -48,7 +48,7 @@ def scale_source(graph: graph_lib.Graph, var: int) -> int:
   """Returns the var whose quantization scale ``var`` shares: follows
   pass-through producers (reshape, transpose, ...) back, as the ODML plan
   does. Public alias of the plan's walk."""
-  return plan_lib._scale_source(graph, var)  # pylint: disable=protected-access
+  return plan_lib.scale_source(graph, var)
 
 
 @dataclasses.dataclass(frozen=True)
