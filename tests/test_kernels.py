@@ -141,7 +141,7 @@ def test_int16_act_max_bounds_the_sum():
 
 
 _ISA_SCRIPT = """
-import sys, numpy as np
+import json, sys, numpy as np
 sys.path.insert(0, {tests!r})
 import test_kernels as T
 bad = 0
@@ -151,27 +151,54 @@ for case in T._KERNEL_CASES:
     got = np.asarray(T._kernel_run(a, w, case[3], case[4]))
     bad += int(not np.array_equal(got, T._int_ref(a, w, case[3])))
 print("mismatches", bad)
+print("isa_counts", json.dumps(T.cpu_kernels.isa_counts()))
 """
+
+# Per variant: its environment, the paths that must run (each at least
+# once, and no other path), and the least the CPU must support (cpu_isa()).
+# Every _KERNEL_CASES shape suits the SIMD paths (K tiles of 32 / 64), so
+# scalar runs only when forced.
+_ISA_VARIANTS = {
+    "scalar": ({"QLITE_CPU_KERNELS_ISA": "scalar"}, {"scalar"}, "scalar"),
+    "bw": ({"QLITE_CPU_KERNELS_ISA": "bw"}, {"bw"}, "bw"),
+    "vnni16": ({"QLITE_CPU_KERNELS_ISA": "vnni16"}, {"vnni16"}, "gemm"),
+    # dot forms only: u8 x s8 for int8 rows (M >= 4, K tile % 64 == 0),
+    # the int16 form for the rest
+    "dot": ({"QLITE_CPU_KERNELS_ISA": "dot"}, {"vnni16", "vnni_u8"}, "gemm"),
+    # the GEMM form from 1 row on, for every case
+    "gemm": ({"QLITE_CPU_KERNELS_GEMM_M": "1"}, {"gemm"}, "gemm"),
+    # no override: GEMM from 16 (int8) / 128 (int16) rows, dot forms below
+    "default": ({}, {"vnni16", "vnni_u8", "gemm"}, "gemm"),
+}
 
 
 @pytest.mark.skipif(not cpu_kernels.available(),
                     reason="qlite CPU kernels not built")
-@pytest.mark.parametrize("isa", ["scalar", "bw", "vnni16", "dot", "gemm"])
+@pytest.mark.parametrize("isa", list(_ISA_VARIANTS))
 def test_cpu_kernel_isa_variants_exact(isa):
-  """Every instruction-set path (chosen once per process) gives the exact
-  int32 sums; the default (VNNI GEMM from 16 / 128 rows, VNNI dot forms
-  below) runs above. "dot" keeps the dot forms at every M; "gemm" takes
-  the GEMM form from 1 row on."""
+  """Every instruction-set path (chosen once per process from the
+  environment) gives the exact int32 sums, and the kernel's own per-path
+  call counts (cpu_kernels.isa_counts) show that the forced path -- and
+  only it -- ran for every call."""
+  import json
   import os
   import subprocess
   import sys
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if isa == "gemm":
-    env["QLITE_CPU_KERNELS_GEMM_M"] = "1"
-  else:
-    env["QLITE_CPU_KERNELS_ISA"] = isa
+  env_over, expected, needs = _ISA_VARIANTS[isa]
+  order = cpu_kernels.ISA_NAMES
+  have = cpu_kernels.cpu_isa()
+  if order.index(have) < order.index(needs):
+    pytest.skip(f"this CPU runs up to the {have!r} path; {isa!r} needs "
+                f"{needs!r}")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("QLITE_CPU_KERNELS_ISA", "QLITE_CPU_KERNELS_GEMM_M",
+                      "QLITE_CPU_KERNELS")}
+  env.update(env_over, JAX_PLATFORMS="cpu")
   out = subprocess.run(
       [sys.executable, "-c", _ISA_SCRIPT.format(
           tests=os.path.dirname(__file__))],
       env=env, capture_output=True, text=True, timeout=300, check=True)
   assert "mismatches 0" in out.stdout, out.stdout + out.stderr
+  counts = json.loads(out.stdout.split("isa_counts", 1)[1])
+  assert sum(counts.values()) == 2 * len(_KERNEL_CASES), counts
+  assert {k for k, v in counts.items() if v} == expected, counts

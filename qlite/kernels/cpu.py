@@ -23,6 +23,12 @@ for each path: ``docs/xla_cpu_paths.md`` and ``python bench/xla_ptq.py``.
 The extension is built by ``pip install -e .`` (``setup.py``); when it is
 missing (or the backend is not CPU) :func:`available` is False and callers
 use XLA. ``QLITE_CPU_KERNELS=0`` disables it.
+
+The path is chosen per call (CPU features, shape, M);
+``QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16|dot`` caps it and
+``QLITE_CPU_KERNELS_GEMM_M`` sets the row count from which the GEMM form
+runs (both read once per process). :func:`isa_counts` says which paths ran,
+:func:`cpu_isa` what the CPU supports.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
-           "int4_packable", "int16_act_max", "MAX_M"]
+           "int4_packable", "int16_act_max", "isa_counts", "cpu_isa",
+           "ISA_NAMES", "MAX_M"]
 
 # Largest M (activation rows of one dot) routed to the kernel; above it XLA
 # (YNNPACK) is used. The GEMM form keeps the same per-row cost at any M
@@ -59,6 +66,31 @@ def _load() -> bool:
 def available() -> bool:
   """True when the compiled kernels are loaded and the backend is CPU."""
   return jax.default_backend() == "cpu" and _load()
+
+
+# The kernel's paths, in the order of its Isa() codes: scalar, AVX-512BW
+# int16 dot, AVX-512 VNNI int16 dot (vpdpwssd), VNNI u8 x s8 dot (vpdpbusd,
+# int8 activations), VNNI GEMM form (packed weight panels).
+ISA_NAMES = ("scalar", "bw", "vnni16", "vnni_u8", "gemm")
+
+
+def isa_counts() -> dict[str, int]:
+  """Kernel calls per path (:data:`ISA_NAMES`) in this process so far.
+  Requires the extension (see :func:`available`)."""
+  if not _load():
+    raise RuntimeError("qlite CPU kernels are not built")
+  from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
+  return dict(zip(ISA_NAMES, _cpu_kernels.isa_counts()))
+
+
+def cpu_isa() -> str:
+  """The best path this CPU supports: ``"scalar"``, ``"bw"`` (AVX-512BW,
+  no VNNI) or ``"gemm"`` (AVX-512 VNNI: every path). Requires the
+  extension."""
+  if not _load():
+    raise RuntimeError("qlite CPU kernels are not built")
+  from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
+  return ISA_NAMES[_cpu_kernels.cpu_isa()]
 
 
 def int4_packable(k: int, tile: int | None = None) -> bool:

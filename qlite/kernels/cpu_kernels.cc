@@ -30,7 +30,9 @@
 // nibble and value i + 32 in its high nibble (two's complement nibbles).
 //
 // The AVX-512BW path is chosen at run time; a portable
-// scalar path gives the same (exact) results elsewhere.
+// scalar path gives the same (exact) results elsewhere. The module's
+// isa_counts() reports how many calls took each path, cpu_isa() what the
+// CPU supports.
 
 #include <Python.h>
 
@@ -310,6 +312,22 @@ int Isa(const Problem& p, bool int8_act) {
 #endif
 }
 
+// Calls per path since the module was loaded (indexed by Isa()'s value),
+// read by isa_counts() so that tests can check which path actually ran.
+constexpr int kNumIsa = 5;
+std::atomic<int64_t> g_isa_calls[kNumIsa];
+
+// What this CPU supports: 0 scalar only, 1 AVX-512BW, 4 AVX-512 VNNI (every
+// path). Isa() may still pick a lower path for a shape, M or the env cap.
+int CpuIsa() {
+#ifdef QLITE_X86
+  if (!HasAvx512()) return 0;
+  return HasVnni() ? 4 : 1;
+#else
+  return 0;
+#endif
+}
+
 void Range(const Problem& p, int isa, int64_t n0, int64_t n1) {
 #ifdef QLITE_X86
   if (isa == 4) return vnni::RangeGemm(p, n0, n1);
@@ -405,6 +423,7 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
   if (!int8_act && a.element_type() != ffi::DataType::S16)
     return ffi::Error::InvalidArgument("qlite dot: activations must be s8 or s16");
   const int isa = Isa(p, int8_act);
+  g_isa_calls[isa].fetch_add(1, std::memory_order_relaxed);
   std::vector<int16_t> a16;
   std::vector<uint8_t> au8;
   std::vector<int32_t> asum;
@@ -482,9 +501,34 @@ static PyObject* Targets(PyObject*, PyObject*) {
   return d;
 }
 
+static PyObject* IsaCounts(PyObject*, PyObject*) {
+  PyObject* t = PyTuple_New(kNumIsa);
+  if (t == nullptr) return nullptr;
+  for (int i = 0; i < kNumIsa; ++i) {
+    PyObject* v = PyLong_FromLongLong(
+        g_isa_calls[i].load(std::memory_order_relaxed));
+    if (v == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, i, v);
+  }
+  return t;
+}
+
+static PyObject* CpuIsaPy(PyObject*, PyObject*) {
+  return PyLong_FromLong(CpuIsa());
+}
+
 static PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS,
      "Returns {ffi target name: PyCapsule of the XLA FFI handler}."},
+    {"isa_counts", IsaCounts, METH_NOARGS,
+     "Returns calls per path (0 scalar, 1 AVX-512BW, 2 VNNI int16 dot, 3 "
+     "VNNI u8 dot, 4 VNNI GEMM) since the module was loaded."},
+    {"cpu_isa", CpuIsaPy, METH_NOARGS,
+     "Returns the best path this CPU supports: 0 scalar, 1 AVX-512BW, 4 "
+     "AVX-512 VNNI (all paths)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",

@@ -34,10 +34,6 @@ class ModelFunction:
   cache_key: Any = None
 
 
-def is_nnx(model) -> bool:
-  return isinstance(model, nnx.Module)
-
-
 def model_function(model, variables=None, *,
                    require_variables: bool = True) -> ModelFunction:
   """Returns the :class:`ModelFunction` of a Linen module (+ variables) or an

@@ -341,52 +341,6 @@ def pack_weight(qw: QArray, dimension_numbers, x_ndim: int,
                       qw.tile_sizes, qw.dtype)
 
 
-def _weight_int8(w3, nk: bool, packed: bool, anchor):
-  """The weight as int8 ``[B, N, K]`` / ``[B, K, N]`` (ordered after
-  ``anchor``)."""
-  if packed:
-    return _after(_unpack_int4_nk(w3), anchor)
-  if np.dtype(w3.dtype) != np.dtype(np.int8):
-    return _after(w3.astype(jnp.int8), anchor)
-  return w3
-
-
-def _bf16_matmul(x3, w3, ws, tiles: int, nk: bool, packed: bool):
-  """Weight-only, float: the int8 weight converted to bf16 after ``x3`` is
-  ready (exact: |q| <= 127 fits bf16), the activation as two bf16 digits
-  (``x ~= hi + lo``, ~16 bits) in one ``bf16 x bf16 -> f32`` dot (XLA:CPU's
-  fast YNNPACK route); the weight scale on the f32 output."""
-  b_, m, k = x3.shape
-  w = _after(_weight_int8(w3, nk, packed, x3).astype(jnp.bfloat16), x3)
-  hi = x3.astype(jnp.bfloat16)
-  lo = (x3 - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-  a = jnp.concatenate([hi, lo], axis=1)                        # [B, 2M, K]
-  rows = 2 * m
-  wc = 2 if nk else 1
-  if tiles > 1:
-    a = a.reshape(b_, rows, tiles, k // tiles)
-    if nk:
-      w = w.reshape(b_, w.shape[1], tiles, k // tiles)
-      dn = (((3,), (3,)), ((0, 2), (0, 2)))
-    else:
-      w = w.reshape(b_, tiles, k // tiles, w.shape[-1])
-      dn = (((3,), (2,)), ((0, 2), (0, 1)))
-  else:
-    dn = (((2,), (wc,)), ((0,), (0,)))
-  y = lax.dot_general(a, w, dn, preferred_element_type=jnp.float32) * ws
-  if tiles > 1:
-    y = jnp.sum(y, axis=1)
-  return y[:, :m] + y[:, m:]
-
-
-# Weight-only at M rows >= this uses the bf16-digits dot instead of the int8
-# digits. None: never -- measured slower at every batch on XLA:CPU (MLP
-# 4x2048, interleaved: batch 1 0.24x vs 2.05x f32, 16: 0.99x vs 1.23x, 64:
-# 0.57x vs 0.90x; the per-call int8 -> bf16 weight convert costs more than
-# the second int8 digit). Kept for backends where bf16 dots are cheap.
-WEIGHT_ONLY_BF16_MIN_M = None
-
-
 def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
   """Canonical integer path: returns float32 ``[B, M, N]``. ``qw`` is a
   :class:`QArray` or a :class:`PackedWeight`."""
@@ -416,8 +370,10 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
       a, s = _per_row_codes(x3, float(amax))
       a = a.astype(jnp.int16)
       return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
-    if WEIGHT_ONLY_BF16_MIN_M is not None and m >= WEIGHT_ONLY_BF16_MIN_M:
-      return _bf16_matmul(x3, w3, ws, tiles, nk, packed)
+    # Otherwise two int8 digits per activation row. (A bf16 x bf16 -> f32
+    # dot with bf16 digits and the weight converted per call was measured
+    # slower at every batch on XLA:CPU -- MLP 4x2048: batch 1 0.24x vs
+    # 2.05x f32, 16: 0.99x vs 1.23x, 64: 0.57x vs 0.90x -- and was removed.)
     digits, s1, s2 = split_activation(x3)
     y = finish(_int_dot(digits, w3, tiles, nk, packed), 2 * m)
     return s1 * y[:, :m] + s2 * y[:, m:]
