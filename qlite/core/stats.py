@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Sequence, Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -53,15 +53,18 @@ class QuantStats:
   """
 
   def __init__(self, records: Mapping[str, Mapping[str, Any]] | None = None,
-               meta: Mapping[str, Any] | None = None):
+               meta: Mapping[str, Any] | None = None,
+               samples: Sequence[Any] | None = None):
     """Builds QuantStats; raises QliteError if ``meta`` is not JSON-serialisable
-    or a record name is not a string."""
+    or a record name is not a string. ``samples``: a few calibration input
+    rows (flat positional arrays) kept for the export's self-check."""
     self.records: dict[str, dict[str, np.ndarray]] = {}
     for name, record in (records or {}).items():
       if not isinstance(name, str):
         raise QliteError(f"QuantStats record names must be str, got {name!r}.")
       self.records[name] = {str(k): np.asarray(v) for k, v in record.items()}
     self.meta: dict[str, Any] = _check_json(meta or {})
+    self.samples: list[np.ndarray] = [np.asarray(a) for a in samples or ()]
 
   # Mapping-like access.
   def __getitem__(self, name: str) -> dict[str, np.ndarray]:
@@ -147,6 +150,7 @@ class QuantStats:
     it = iter(leaves)
     obj.records = {n: {s: next(it) for s in ss} for n, ss in zip(names, stat_names)}
     obj.meta = json.loads(meta)
+    obj.samples = []          # input rows are not part of the pytree
     return obj
 
   # Files.
@@ -168,11 +172,14 @@ class QuantStats:
         "version": FORMAT_VERSION,
         "records": [[n, list(self.records[n])] for n in names],
         "meta": self.meta,
+        "samples": len(self.samples),
     }
     arrays = {_INDEX: np.frombuffer(json.dumps(index).encode("utf-8"), np.uint8)}
     for i, n in enumerate(names):
       for j, s in enumerate(self.records[n]):
         arrays[f"r{i}.{j}"] = np.asarray(self.records[n][s])
+    for i, a in enumerate(self.samples):
+      arrays[f"s{i}"] = a
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".qstats-", suffix=".tmp")
     try:
       with os.fdopen(fd, "wb") as f:
@@ -256,4 +263,6 @@ class QuantStats:
               "calibration on finite data.")
         record[s] = value
       records[name] = record
-    return cls(records, meta)
+    samples = [arrays[f"s{i}"] for i in range(int(index.get("samples", 0)))
+               if f"s{i}" in arrays]
+    return cls(records, meta, samples)

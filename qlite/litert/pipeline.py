@@ -16,6 +16,7 @@ from qlite.quant.scales import as_quant_stats
 from qlite.litert import inspect as inspect_lib
 from qlite.litert.inspect import tensor_module_path
 from qlite.litert import convert as litert
+from qlite.litert import verify as verify_lib
 from qlite.core import calibration
 from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
@@ -167,6 +168,7 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     args = _as_args(batch)
     if first_shapes is None:
       check_static_shapes(args, "calibration batch 0")
+      first_args = args
       first_shapes = _shapes(args)
     _check_batch(first_shapes, args, n)
     if step is None:
@@ -192,7 +194,24 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   stats.meta["fingerprint"] = plan_fingerprint(
       b.key for b in plan.boundaries.values())
   stats.meta["model"] = qm.mf.description
+  stats.samples = _kept_samples(first_args)
   return stats
+
+
+# Calibration rows kept in the stats for the export's self-check.
+SAMPLE_ROWS = 4
+SAMPLE_MAX_BYTES = 1 << 20
+
+
+def _kept_samples(args) -> list[np.ndarray]:
+  """Up to SAMPLE_ROWS rows of the first calibration batch (flat arrays),
+  none when they would exceed SAMPLE_MAX_BYTES or have no batch axis."""
+  flat = [np.asarray(a) for a in jax.tree.leaves(tuple(args))]
+  if not flat or any(a.ndim == 0 for a in flat):
+    return []
+  n = min(SAMPLE_ROWS, min(a.shape[0] for a in flat))
+  rows = [np.ascontiguousarray(a[:n]) for a in flat]
+  return rows if sum(r.nbytes for r in rows) <= SAMPLE_MAX_BYTES else []
 
 
 def _export_function(model, rules, stats, example_args, variables):
@@ -234,7 +253,8 @@ def _stats_mismatch(err, stats, qm):
 
 def export_tflite(model, rules: Sequence[QuantizationRule], stats,
                   example_args, variables=None, path=None,
-                  io_dtype: str = "float32", *, strict: bool = True) -> bytes:
+                  io_dtype: str = "float32", *, strict: bool = True,
+                  verify: str = "error") -> bytes:
   """Exports a full-integer ``.tflite`` and returns its bytes.
 
   ``example_args``: an array or tuple of arrays fixing the input shapes.
@@ -251,6 +271,7 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
   if io_dtype not in litert.IO_DTYPES:
     raise QliteError(f"io_dtype must be one of {litert.IO_DTYPES}, got "
                      f"{io_dtype!r}")
+  verify_lib.check_mode(verify)
   qm, graph, plan, fn, args = _export_function(model, rules, stats,
                                                example_args, variables)
   if io_dtype == "int8":
@@ -274,10 +295,51 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
   if io_dtype == "int8":
     blob = litert.set_int8_io(blob)
   _verify_loads(blob)
+  if verify != "off":
+    _self_check(blob, qm, graph, plan, args, verify)
   qm.provider.matcher.warn_unmatched()
   if path is not None:
     litert.write_atomic(path, blob)
   return blob
+
+
+def _output_scales(info) -> list[float | None]:
+  """Each model output's quantization scale (an int8 output's own, a float
+  output's DEQUANTIZE input's), None for a float output."""
+  made_by = {o: op for op in info.ops for o in op.outputs}
+  scales = []
+  for t in info.outputs:
+    tensor = info.tensor(t)
+    if tensor.scale is None and t in made_by and \
+        made_by[t].name == "DEQUANTIZE":
+      tensor = info.tensor(made_by[t].inputs[0])
+    scales.append(float(tensor.scale[0]) if tensor.scale is not None
+                  else None)
+  return scales
+
+
+def _self_check(blob, qm, graph, plan, args, mode: str) -> None:
+  """Runs the .tflite and the fake-quant model on the example args and the
+  stats' kept samples; raises / warns per ``mode`` when they disagree."""
+  flat_params = jax.tree.leaves(qm.mf.params)
+  # Op by op, not jitted: jax's per-primitive compile cache makes this
+  # cheaper than compiling the whole fake-quant model for one or two calls.
+  fake_fn = qm.provider.function(graph, plan, flat_params)
+  params = qm.mf.params
+
+  def float_fn(*flat):
+    a = jax.tree.unflatten(graph.args_tree, flat)
+    return jax.tree.leaves(qm.mf.fn(params, *a))
+
+  samples = [tuple(jax.tree.leaves(tuple(args)))]
+  stats = qm.provider.stats
+  if stats is not None and getattr(stats, "samples", None):
+    samples.append(tuple(stats.samples))
+  shapes = [tuple(graph.avals[v].shape) for v in graph.arg_vars]
+  checks = verify_lib.check_export(
+      blob, _output_scales(inspect_lib.inspect_tflite(blob)), fake_fn,
+      float_fn, samples, shapes)
+  verify_lib.report(checks, mode, qm.mf.description)
 
 
 def _verify_loads(blob: bytes) -> None:

@@ -1,0 +1,140 @@
+"""Self-check of an export: the ``.tflite`` must compute what the fake-quant
+model computes.
+
+After conversion, :func:`check_export` runs the ``.tflite`` in LiteRT and the
+fake-quant JAX model (the :class:`~qlite.litert.providers.ConversionProvider`
+with the same stats and rules) on the example args and on the calibration
+samples kept in the stats, and compares their outputs in LSB of each
+output's scale. The criterion is the fuzzer's (``tests/fuzz_models.py``): an
+output is faithful when it is within :data:`MAX_LSB` of the fake-quant one,
+or at least as close to the float model as the fake-quant one is (within
+:data:`FAITHFUL_DB`; int8 MEAN / AVERAGE_POOL_2D round differently from the
+float fake-quant model, so outputs whose range is tiny next to their inputs'
+can differ by more LSB while being as accurate). A broken conversion (an
+all-zero output, an int32 bias overflow) is tens of dB worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from qlite import metrics
+from qlite.errors import ConversionError, QliteError
+
+MAX_LSB = 4.0
+FAITHFUL_DB = 3.0
+MODES = ("error", "warn", "off")
+
+
+@dataclasses.dataclass
+class OutputCheck:
+  """How one model output of the ``.tflite`` compares with the fake-quant
+  model: ``max_lsb`` (max |LiteRT - fake-quant| in LSB of the output scale,
+  NaN for a float output), SQNR of each against float when measured."""
+  index: int
+  max_lsb: float
+  litert_vs_float_db: float | None = None
+  fake_vs_float_db: float | None = None
+
+  @property
+  def faithful(self) -> bool:
+    if self.max_lsb <= MAX_LSB:
+      return True
+    if self.litert_vs_float_db is None or self.fake_vs_float_db is None:
+      return False
+    return self.litert_vs_float_db >= self.fake_vs_float_db - FAITHFUL_DB
+
+  def describe(self) -> str:
+    s = f"output {self.index}: {self.max_lsb:.1f} LSB from the fake-quant model"
+    if self.litert_vs_float_db is not None:
+      s += (f", SQNR vs float {self.litert_vs_float_db:.1f} dB (fake-quant "
+            f"{self.fake_vs_float_db:.1f} dB)")
+    return s
+
+
+def _rows(args: Sequence[np.ndarray], shapes) -> list[tuple]:
+  """Splits ``args`` (arrays with a leading batch axis, possibly another
+  batch size than the export's) into tuples of the export's input shapes."""
+  n_export = shapes[0][0] if shapes and len(shapes[0]) else 1
+  n = np.shape(args[0])[0] if np.ndim(args[0]) else 1
+  if any(tuple(np.shape(a)[1:]) != tuple(s[1:]) for a, s in zip(args, shapes)):
+    return []
+  out = []
+  for start in range(0, n - n_export + 1, max(n_export, 1)):
+    out.append(tuple(np.asarray(a[start:start + n_export]) for a in args))
+  return out
+
+
+def check_export(blob: bytes, output_scales: Sequence[float | None],
+                 fake_fn, float_fn, samples: Sequence[tuple],
+                 input_shapes) -> list[OutputCheck]:
+  """Runs ``blob`` and ``fake_fn`` on ``samples`` and returns one
+  :class:`OutputCheck` per model output.
+
+  Args:
+    blob: the converted ``.tflite``.
+    output_scales: each output's quantization scale (None: a float output).
+    fake_fn: ``fake_fn(*flat_args)`` -> flat outputs of the fake-quant model.
+    float_fn: same for the float model (run only when an output is off by
+      more than :data:`MAX_LSB`).
+    samples: tuples of flat input arrays (any leading batch size; split into
+      the export's batch).
+    input_shapes: the export's flat input shapes.
+  """
+  from qlite.litert.runtime import TFLiteRunner
+  runner = TFLiteRunner(blob)
+  rows = [r for s in samples for r in _rows(s, input_shapes)]
+  lite, fake = [], []
+  for row in rows:
+    lite.append([np.asarray(o, np.float32) for o in runner.run(*row)])
+    fake.append([np.asarray(o, np.float32) for o in fake_fn(*row)])
+  checks = []
+  for i, scale in enumerate(output_scales):
+    a = np.stack([r[i] for r in lite])
+    b = np.stack([r[i] for r in fake])
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    lsb = diff / scale if scale else (0.0 if diff == 0 else float("inf"))
+    checks.append(OutputCheck(i, lsb))
+  if any(not c.faithful for c in checks):
+    ref = [[np.asarray(o, np.float32) for o in float_fn(*row)] for row in rows]
+    for c in checks:
+      r = np.stack([x[c.index] for x in ref])
+      c.litert_vs_float_db = metrics.sqnr_db(
+          r, np.stack([x[c.index] for x in lite]))
+      c.fake_vs_float_db = metrics.sqnr_db(
+          r, np.stack([x[c.index] for x in fake]))
+  return checks
+
+
+def report(checks: Sequence[OutputCheck], mode: str, what: str) -> None:
+  """Raises ``ConversionError`` (mode "error") or warns (mode "warn") when
+  an output is not faithful; the message names the outputs and the fix."""
+  bad = [c for c in checks if not c.faithful]
+  if not bad or mode == "off":
+    return
+  msg = (f"self-check failed: the converted {what} does not compute what "
+         f"qlite's fake-quant model computes: "
+         + "; ".join(c.describe() for c in bad)
+         + ". This is a qlite or converter bug for this model: run "
+         "qlite.compare(model, rules, stats, tflite, batches) to see the "
+         "first diverging layer, keep that layer in float with a rule "
+         "(act_qtype=None), and report it; export_tflite(..., verify='warn') "
+         "returns the model anyway")
+  if mode == "error":
+    raise ConversionError(msg)
+  warnings.warn("qlite: " + msg, UserWarning, stacklevel=3)
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise QliteError(f"verify must be one of {MODES}, got {mode!r}")
+  return mode
+
+
+def jitted(fn):
+  return jax.jit(fn)
