@@ -48,10 +48,35 @@ def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False):
 
 
 class QatProvider(Provider):
-  """Fake-quant training provider (ODML numerics: per-channel symmetric
-  weights, per-tensor asymmetric activations, LiteRT's fixed ranges).
+  """Quantization-aware training: fake-quant forward, clipped STE backward.
 
-  ``ema_decay``: moving-average decay of activation min / max.
+  The forward pass fake-quantizes weights and activations with the plan and
+  numerics of the LiteRT export (per-channel symmetric weights, per-tensor
+  asymmetric activations, LiteRT's fixed ranges), so the exported model
+  computes what the trained one does. Activation ranges are moving
+  averages of each batch's min / max, kept in a ``"quant_stats"``
+  collection. Use it through :func:`qlite.quantize_model`, which returns a
+  :class:`QatModel`.
+
+  Args:
+    rules: the :class:`qlite.QuantizationRule` list (or one rule); the first
+      match applies. Export with the same rules.
+    ema_decay: moving-average decay of the activation min / max (the first
+      update takes the batch's range).
+
+  Raises:
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> qat = qlite.quantize_model(model, qlite.QatProvider(rules))
+    >>> qvars = qat.init(jax.random.key(0), x)          # + "quant_stats"
+    >>> y, upd = qat.apply(qvars, x, mutable=["quant_stats"])
+    >>> qvars = {**qvars, **upd}
+    >>> blob = qlite.export_tflite(model, rules, qvars["quant_stats"], x,
+    ...                            variables={"params": qvars["params"]})
   """
 
   def __init__(self, rules: Sequence[QuantizationRule], *,
@@ -122,8 +147,35 @@ class QatProvider(Provider):
 
 
 class QatModel:
-  """A model wrapped for QAT: Linen-style ``init`` / ``apply`` for both Linen
-  and NNX (for NNX, ``variables["params"]`` holds the module's state)."""
+  """A model wrapped for QAT: Linen-style ``init`` / ``apply`` (Linen and NNX).
+
+  What :func:`qlite.quantize_model` returns for a :class:`QatProvider`. For
+  NNX, ``variables["params"]`` holds the module's state (an ``nnx.State``;
+  write trained values back with ``nnx.update(model, variables["params"])``
+  before exporting).
+
+  Args:
+    model: a ``flax.linen.Module`` or ``flax.nnx.Module``.
+    provider: the :class:`QatProvider`.
+    variables: not used for Linen (:meth:`init` makes the variables,
+      :meth:`apply` takes them); None for NNX.
+
+  Raises:
+    QliteError: ``model`` is not a Flax module; an NNX model with
+      ``variables``.
+
+  Example:
+    >>> import numpy as np, qlite
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> x = np.ones((1, 8), np.float32)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> qat = qlite.quantize_model(model, qlite.QatProvider(rules))
+    >>> qvars = qat.init(None, x)       # {"params": State, "quant_stats": ...}
+    >>> y, upd = qat.apply(qvars, x, mutable=["quant_stats"])
+    >>> y.shape
+    (1, 4)
+  """
 
   def __init__(self, model, provider: QatProvider, variables=None):
     self.model = model
@@ -152,8 +204,30 @@ class QatModel:
     return self._cache[key]
 
   def init(self, key, *args) -> dict:
-    """Returns the model's variables plus zeroed ``quant_stats`` (the first
-    training step initialises each range from its batch)."""
+    """Returns the model's variables plus a zeroed ``"quant_stats"`` collection.
+
+    The first training step (``apply(..., mutable=["quant_stats"])``) sets
+    each range from its batch. Linen: ``model.init(key, *args)`` (fresh
+    params: to fine-tune trained ones, replace ``variables["params"]``);
+    NNX: ``{"params": the module's current state}``.
+
+    Args:
+      key: the ``jax.random`` key of Linen's ``model.init`` (not used for
+        NNX).
+      *args: example inputs (the shapes and dtypes of training batches).
+
+    Returns:
+      ``{**model variables, "quant_stats": {boundary: {"min", "max",
+      "count"}}}``.
+
+    Raises:
+      QliteError: tracing the model on ``args`` failed.
+
+    Example:
+      >>> qvars = qat.init(None, x)     # qat, x: the class example's
+      >>> sorted(qvars["quant_stats"])
+      ['dot_general', 'input0']
+    """
     if self.mf.framework == "nnx":
       params = self.mf.params
       variables = {"params": params}
@@ -167,8 +241,34 @@ class QatModel:
     return {**variables, STATS: stats}
 
   def apply(self, variables, *args, mutable=False):
-    """Runs the fake-quant forward. With ``mutable=["quant_stats"]`` returns
-    ``(outputs, {"quant_stats": updated})`` (moving-average update)."""
+    """Runs the fake-quant forward pass (differentiable: clipped STE).
+
+    Args:
+      variables: what :meth:`init` returned (model variables plus
+        ``"quant_stats"``), with the current params.
+      *args: the model's positional inputs.
+      mutable: ``["quant_stats"]`` (or True) updates the moving-average
+        ranges from this batch (training); False (default), or a list
+        without ``"quant_stats"``, uses the ranges as they are
+        (evaluation).
+
+    Returns:
+      The model's outputs; when updating, ``(outputs, {"quant_stats":
+      updated})`` to merge into ``variables``.
+
+    Raises:
+      QliteError: ``variables`` has no ``"quant_stats"`` collection, or
+        tracing the model failed.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def loss(params, qvars, x):      # qat, qvars, x: as above
+      ...   y, upd = qat.apply({**qvars, "params": params}, x,
+      ...                      mutable=["quant_stats"])
+      ...   return jnp.mean(y ** 2), upd
+      >>> grads, upd = jax.grad(loss, has_aux=True)(qvars["params"], qvars, x)
+      >>> qvars = {**qvars, **upd}
+    """
     params, stats = self._split(variables)
     update = bool(mutable) and (mutable is True or STATS in mutable)
     g, plan = self._traced(params, args)
@@ -186,11 +286,31 @@ class QatModel:
 
 
 def stats_from_qat(qat_stats: dict, meta: dict | None = None) -> QuantStats:
-  """Returns a :class:`QuantStats` whose ranges equal a QAT ``quant_stats``
-  collection's moving-average ranges (so export uses the trained scales).
+  """Returns the :class:`QuantStats` of a QAT ``quant_stats`` collection.
+
+  Each boundary's range is the collection's moving-average min / max, so an
+  export with these stats uses the trained scales.
+  (:func:`qlite.export_tflite` also takes the collection itself; this gives
+  a stats object to save or inspect.)
+
+  Args:
+    qat_stats: ``variables["quant_stats"]`` of a :class:`QatModel`, after
+      training steps.
+    meta: extra JSON-serialisable ``meta`` entries (``"source": "qat"`` and
+      ``"method": "minmax"`` are set).
+
+  Returns:
+    A :class:`QuantStats` with one record per boundary.
 
   Raises:
-    QliteError: a range was never updated by a training step.
+    QliteError: a range was never updated by a training step (its count is
+      0), or ``meta`` is not JSON-serialisable.
+
+  Example:
+    >>> stats = qlite.stats_from_qat(qvars["quant_stats"])   # qvars: trained
+    >>> stats.meta["source"]
+    'qat'
+    >>> stats.save("qat_stats.npz")
   """
   for key, rec in qat_stats.items():
     if int(np.asarray(rec.get("count", 1))) == 0:

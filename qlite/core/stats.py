@@ -46,10 +46,44 @@ def _check_json(meta: Mapping[str, Any]) -> dict[str, Any]:
 class QuantStats:
   """Calibration records keyed by boundary name, plus JSON metadata.
 
+  What :func:`qlite.calibrate` returns and :func:`qlite.export_tflite`,
+  ``qlite.xla.PtqProvider`` and :func:`qlite.compare` take.
   ``records[name][stat]`` is a numpy array (see
-  :mod:`qlite.core.calibration` for the statistics). ``meta`` is a
-  JSON-serialisable dict (e.g. ``num_batches``, ``method``, model
-  fingerprint, qlite version). A pytree whose leaves are the arrays.
+  :mod:`qlite.core.calibration` for the statistics); boundary names are a
+  module path and op (e.g. ``"Dense_0/dot_general"``) or ``"input<i>"``.
+  Mapping-like (``stats[name]``, ``in``, ``len``, ``keys()``, ``items()``,
+  ``get()``), a pytree whose leaves are the arrays, and saved to / loaded
+  from one ``.npz`` (:meth:`save`, :meth:`load`).
+
+  Args:
+    records: ``{boundary name: {statistic name: array}}``.
+    meta: a JSON-serialisable dict (e.g. ``num_batches``, ``method``, model
+      fingerprint, qlite version).
+    samples: a few calibration input rows (flat positional arrays) kept for
+      the export's self-check (``export_tflite(verify=...)``).
+
+  Attributes:
+    records: the records (numpy arrays).
+    meta: the metadata.
+    samples: the kept input rows (saved in the ``.npz``; not pytree leaves
+      and not compared by ``==``).
+
+  Raises:
+    QliteError: ``meta`` is not JSON-serialisable, or a record name is not a
+      string.
+    MissingRecordError: ``stats[name]`` for a boundary with no record (a
+      ``CalibrationError`` and a ``KeyError``).
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> stats = qlite.calibrate(model, [qlite.QuantizationRule()], [x, -x],
+    ...                         variables=variables, progress=False)
+    >>> stats.num_batches, stats.meta["method"]
+    (2, 'minmax')
+    >>> float(stats["input0"]["min"]), float(stats["input0"]["max"])
+    (-1.0, 1.0)
   """
 
   def __init__(self, records: Mapping[str, Mapping[str, Any]] | None = None,
@@ -155,10 +189,25 @@ class QuantStats:
 
   # Files.
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the stats to ``path`` (one ``.npz``, written atomically). Returns None.
+    """Writes the stats to ``path`` (one ``.npz``, written atomically).
+
+    The format is described in this module's docstring; :meth:`load` reads
+    it back equal (``QuantStats.load(path) == stats``).
+
+    Args:
+      path: the file to write (exactly this name: no ``.npz`` is appended);
+        its directory must exist.
+
+    Returns:
+      None.
 
     Raises:
       QliteError: the directory of ``path`` does not exist, or writing failed.
+
+    Example:
+      >>> stats.save("stats.npz")        # stats: the class example's
+      >>> qlite.QuantStats.load("stats.npz") == stats
+      True
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -211,10 +260,21 @@ class QuantStats:
   def load(cls, path: str | os.PathLike) -> "QuantStats":
     """Returns the QuantStats saved at ``path`` by :meth:`save`.
 
+    Args:
+      path: the ``.npz`` file.
+
+    Returns:
+      The :class:`QuantStats` (equal to the saved one).
+
     Raises:
       CalibrationError: the file is missing, unreadable, not an ``.npz``,
         not a QuantStats file (or a newer version), incomplete, or holds
         NaN/Inf statistics (the message names the path and the problem).
+
+    Example:
+      >>> stats = qlite.QuantStats.load("stats.npz")
+      >>> stats.meta["method"]
+      'minmax'
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

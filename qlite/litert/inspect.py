@@ -17,6 +17,27 @@ FLOAT_TYPES = frozenset({"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"})
 
 @dataclasses.dataclass
 class TensorInfo:
+  """One tensor of a ``.tflite`` model, as :func:`inspect_tflite` reads it.
+
+  Attributes:
+    index: the tensor's index in the subgraph (what :class:`OpInfo` and
+      ``TFLiteRunner.tensor`` use).
+    name: the tensor name (the JAX name stack, e.g.
+      ``"jit(f)/Dense_0/dot_general1"``, or a signature name).
+    dtype: the LiteRT type name: ``"INT8"``, ``"INT32"``, ``"FLOAT32"``, ...
+    shape: the static shape.
+    scale: the quantization scales (one per tensor, or one per index along
+      ``quantized_dimension``); None when the tensor is not quantized.
+    zero_point: the zero points matching ``scale``; None when not quantized.
+    quantized_dimension: the channel axis of per-channel scales.
+    is_constant: True when the file holds the tensor's data (weights,
+      biases).
+
+  Example:
+    >>> t = qlite.inspect_tflite(blob).tensors[2]   # blob: a Dense(4) export
+    >>> t.dtype, t.shape, t.is_constant, t.per_channel
+    ('INT8', (4, 8), True, True)
+  """
   index: int
   name: str
   dtype: str                         # "INT8", "FLOAT32", ...
@@ -28,11 +49,25 @@ class TensorInfo:
 
   @property
   def per_channel(self) -> bool:
+    """True when the tensor has one scale per channel (more than one)."""
     return self.scale is not None and self.scale.size > 1
 
 
 @dataclasses.dataclass
 class OpInfo:
+  """One operator of a ``.tflite`` model, as :func:`inspect_tflite` reads it.
+
+  Attributes:
+    index: the op's position in execution order.
+    name: the builtin op name, e.g. ``"CONV_2D"`` (``"CUSTOM:<code>"`` for a
+      custom op).
+    inputs: indices of its input tensors (-1: an omitted optional input).
+    outputs: indices of its output tensors.
+
+  Example:
+    >>> [op.name for op in qlite.inspect_tflite(blob).ops]  # a Dense(4) export
+    ['QUANTIZE', 'FULLY_CONNECTED', 'DEQUANTIZE']
+  """
   index: int
   name: str                          # builtin name, e.g. "CONV_2D"
   inputs: tuple[int, ...]
@@ -41,7 +76,34 @@ class OpInfo:
 
 @dataclasses.dataclass
 class TFLiteInfo:
-  """What :func:`inspect_tflite` returns."""
+  """The ops, tensors and interface of a ``.tflite`` model (its first subgraph).
+
+  What :func:`inspect_tflite` returns.
+
+  Attributes:
+    size_bytes: the size of the flatbuffer in bytes.
+    ops: every :class:`OpInfo`, in execution order.
+    tensors: every :class:`TensorInfo`, by index.
+    inputs: tensor indices of the model inputs, in signature order.
+    outputs: tensor indices of the model outputs, in signature order.
+    float_ops: the ops that read or write a float tensor (a QUANTIZE of a
+      float model input and a DEQUANTIZE to a float model output excepted);
+      empty for a full-integer model.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> stats = qlite.calibrate(model, rules, [x, -x], variables=variables,
+    ...                         progress=False)
+    >>> blob = qlite.export_tflite(model, rules, stats, x, variables=variables)
+    >>> info = qlite.inspect_tflite(blob)
+    >>> info.full_integer, info.op_histogram
+    (True, {'QUANTIZE': 1, 'FULLY_CONNECTED': 1, 'DEQUANTIZE': 1})
+    >>> info.tensor(info.inputs[0]).dtype
+    'FLOAT32'
+  """
   size_bytes: int
   ops: list[OpInfo]
   tensors: list[TensorInfo]
@@ -51,6 +113,7 @@ class TFLiteInfo:
 
   @property
   def op_histogram(self) -> dict[str, int]:
+    """``{op name: count}`` over :attr:`ops`, in order of first use."""
     return dict(collections.Counter(op.name for op in self.ops))
 
   @property
@@ -60,10 +123,39 @@ class TFLiteInfo:
     return not self.float_ops
 
   def tensor(self, index: int) -> TensorInfo:
+    """Returns the :class:`TensorInfo` of tensor ``index``.
+
+    Args:
+      index: a tensor index (from :attr:`inputs`, :attr:`outputs` or an
+        :class:`OpInfo`).
+
+    Returns:
+      ``tensors[index]``.
+
+    Raises:
+      IndexError: no tensor has that index.
+
+    Example:
+      >>> info.tensor(info.outputs[0]).dtype   # info: the class example's
+      'FLOAT32'
+    """
     return self.tensors[index]
 
   def summary(self) -> str:
-    """A short multi-line text: size, op histogram, io dtypes, float ops."""
+    """Returns a short text: size, op histogram, io dtypes, float ops.
+
+    Returns:
+      One line each for the size, the op histogram, the inputs and outputs
+      (name and dtype) and ``full_integer``, then one per float op.
+
+    Example:
+      >>> print(info.summary())   # info: the class example's
+      size: ... bytes
+      ops (3): DEQUANTIZE×1, FULLY_CONNECTED×1, QUANTIZE×1
+      inputs: serving_default_input_0:FLOAT32
+      outputs: serving_default_output_0_output:FLOAT32
+      full_integer: True
+    """
     hist = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_histogram.items()))
     io_in = ", ".join(f"{self.tensors[i].name}:{self.tensors[i].dtype}"
                       for i in self.inputs)
@@ -100,10 +192,29 @@ def _read_bytes(model: Any) -> bytes:
 
 
 def inspect_tflite(model: Any) -> TFLiteInfo:
-  """Returns a :class:`TFLiteInfo` for a ``.tflite`` path or bytes.
+  """Reads a ``.tflite`` model: its ops, tensors, dtypes and quantization.
+
+  Args:
+    model: a path (``str`` or ``os.PathLike``) or the bytes of a ``.tflite``
+      file (e.g. what :func:`qlite.export_tflite` returns).
+
+  Returns:
+    A :class:`TFLiteInfo` of the model's first subgraph.
 
   Raises:
-    TFLiteFormatError: missing file, not a TFLite flatbuffer, or truncated.
+    TFLiteFormatError: no such file, a directory, an argument that is
+      neither a path nor bytes, or data that is not a TFLite flatbuffer
+      (no ``TFL3`` identifier, corrupt or truncated).
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> _ = qlite.export_float_tflite(model, x, variables=variables,
+    ...                               path="float.tflite")
+    >>> info = qlite.inspect_tflite("float.tflite")
+    >>> info.full_integer, [op.name for op in info.float_ops]
+    (False, ['FULLY_CONNECTED'])
   """
   from ai_edge_litert import schema_py_generated as schema
   data = _read_bytes(model)

@@ -84,8 +84,8 @@ def _litert_calibration_step(qm, provider, graph, plan):
   """Returns ``step(flat_args)`` that runs a float ``.tflite`` of the model
   whose outputs are the boundary values, and records their statistics.
 
-  Converting the float graph (~0.3 s) replaces the XLA compile of a jitted
-  calibration step (0.6-2.7 s on the zoo): the export-time bottleneck.
+  Converting the float graph replaces the XLA compile of a jitted
+  calibration step, the bottleneck of a short calibration.
   Raises ConversionError when the float model cannot be converted.
   """
   from qlite.litert.runtime import TFLiteRunner
@@ -126,20 +126,65 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
               variables=None, method: str = "minmax", *,
               progress: bool = True, max_batches: int | None = None,
               engine: str = "auto") -> QuantStats:
-  """Runs ``model`` on ``batches`` and returns per-boundary activation
-  statistics (:class:`QuantStats`) for static-range quantization.
+  """Runs ``model`` on calibration batches and returns activation statistics.
 
-  ``batches``: an iterable of arrays or tuples of positional arrays. Every
-  batch must have the shape of the first. ``method`` is how statistics become
-  ranges at export for rules that leave ``act_calibration_method=None``.
-  ``engine``: ``"litert"`` runs a float ``.tflite`` of the model that outputs
-  every boundary (no XLA compile: fastest for a few dozen batches),
-  ``"xla"`` a jitted JAX step; ``"auto"`` uses LiteRT and falls back to XLA
-  when the float model does not convert.
+  The statistics (min / max and the others the calibration methods read)
+  are recorded at every quantization boundary of the plan, keyed by module
+  path and op (e.g. ``"Dense_0/dot_general"``; ``"input0"`` for the first
+  model input). They set the static activation scales of
+  :func:`export_tflite` and of ``qlite.xla.PtqProvider``.
+
+  Args:
+    model: a ``flax.linen.Module`` (pass ``variables``) or a
+      ``flax.nnx.Module`` (it carries its own state: leave ``variables``
+      None).
+    rules: the :class:`qlite.QuantizationRule` list (or one rule); the first
+      rule whose ``module_path`` matches an op applies. A rule that matches
+      no op is reported with a ``UserWarning``.
+    batches: an iterable of arrays, or of tuples / lists of positional
+      arrays. Every batch must have the static shapes of the first.
+    variables: the Linen variables (``model.init(...)`` or trained ones);
+      None for NNX.
+    method: how statistics become ranges at export for rules that leave
+      ``act_calibration_method=None``: a registered calibration method
+      (``"minmax"``, ``"absmax"``, ``"rms"``, ``"percentile"``, ``"mse"``,
+      ``"quantile"``, ...). Stored as ``stats.meta["method"]``.
+    progress: show a progress bar.
+    max_batches: stop after this many batches (None: all of them).
+    engine: ``"litert"`` runs a float ``.tflite`` of the model that outputs
+      every boundary (no XLA compile: fastest for a few dozen batches),
+      ``"xla"`` a jitted JAX step; ``"auto"`` uses LiteRT and falls back to
+      XLA when the float model does not convert. Both give the same
+      statistics.
+
+  Returns:
+    A :class:`QuantStats` with one record per boundary; its ``meta`` holds
+    ``num_batches``, ``method``, ``model`` and a ``fingerprint`` of the
+    boundaries that :func:`export_tflite` checks.
 
   Raises:
-    CalibrationError: no batches, NaN / Inf in a batch, bad method.
-    QliteError: the model cannot be traced, batch shapes differ.
+    CalibrationError: ``batches`` is empty; a batch has another number of
+      arrays or other shapes than the first, or holds NaN / Inf (so does an
+      activation); unknown ``method`` or ``engine``.
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+    ConversionError: ``engine="litert"`` and the float model does not
+      convert to ``.tflite``.
+    QliteError: ``model`` is not a Flax module; a Linen model without
+      ``variables`` (or an NNX one with); a batch with a dynamic shape;
+      tracing the model on the first batch failed (e.g. an input shape that
+      does not fit the params).
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> batches = [np.random.rand(1, 8).astype(np.float32) for _ in range(8)]
+    >>> stats = qlite.calibrate(model, [qlite.QuantizationRule()], batches,
+    ...                         variables=variables, progress=False)
+    >>> stats
+    QuantStats(2 records, 8 batches, method='minmax')
+    >>> sorted(stats.keys())
+    ['dot_general', 'input0']
   """
   if engine not in CALIBRATION_ENGINES:
     raise CalibrationError(f"calibrate: engine must be one of "
@@ -255,18 +300,66 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
                   example_args, variables=None, path=None,
                   io_dtype: str = "float32", *, strict: bool = True,
                   verify: str = "error") -> bytes:
-  """Exports a full-integer ``.tflite`` and returns its bytes.
+  """Exports a full-integer LiteRT ``.tflite`` and returns its bytes.
 
-  ``example_args``: an array or tuple of arrays fixing the input shapes.
-  ``io_dtype``: ``"float32"`` (QUANTIZE / DEQUANTIZE at the interface) or
-  ``"int8"``. ``path``: written atomically when given.
-  ``strict``: raise when any compute op is left in float.
+  Weights are quantized per output channel (symmetric), activations per
+  tensor with the ranges from ``stats``, under the same plan as
+  calibration. The result is checked to load in LiteRT; the same model,
+  rules and stats give the same bytes.
+
+  Args:
+    model: the ``flax.linen.Module`` or ``flax.nnx.Module`` that was
+      calibrated.
+    rules: the :class:`qlite.QuantizationRule` list used to calibrate.
+    stats: a :class:`QuantStats` (from :func:`calibrate` or
+      :meth:`QuantStats.load`), or a QAT ``quant_stats`` collection (or QAT
+      variables holding one).
+    example_args: an array, or a tuple of positional arrays, with the input
+      shapes and dtypes of the exported model (static shapes, e.g. batch
+      size 1); the values are not used.
+    variables: the Linen variables; None for NNX.
+    path: if given, the file is also written there, atomically (no partial
+      file on failure).
+    io_dtype: ``"float32"`` (float model inputs / outputs, QUANTIZE /
+      DEQUANTIZE inside) or ``"int8"`` (int8 inputs / outputs; their scale
+      and zero point are in the file).
+    strict: raise :class:`UnsupportedOpError` when any compute op is left in
+      float; False exports such a model with a ``UserWarning``.
+    verify: after conversion, run the ``.tflite`` in LiteRT beside the
+      fake-quant model on ``example_args`` and on the calibration rows kept
+      in ``stats.samples``: ``"error"`` raises when an output is not
+      faithful to the fake-quant one, ``"warn"`` warns, ``"off"`` skips the
+      check.
+
+  Returns:
+    The ``.tflite`` flatbuffer bytes.
 
   Raises:
-    CalibrationError: stats missing for a boundary (names it).
-    UnsupportedOpError: strict and an op stayed float (names op and module).
-    ConversionError: jax.export or the converter failed.
-    QliteError: bad io_dtype, unwritable path.
+    CalibrationError: ``stats`` is not a statistics object, has no record
+      for a boundary (names it), or was calibrated on another model.
+    QTypeError: a rule's qtype has no LiteRT integer kernel (e.g. fp8).
+    UnsupportedOpError: ``strict`` and an op stayed float (names the LiteRT
+      op, jax op, module path and source line).
+    ConversionError: ``jax.export`` or the converter failed, LiteRT cannot
+      load the result, or (``verify="error"``) an output of the ``.tflite``
+      is not faithful to the fake-quant model (names it).
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+    QliteError: a bad ``io_dtype`` or ``verify``, or ``io_dtype="int8"``
+      with a non-float model input; a dynamic shape in ``example_args``; ``model`` is not a Flax
+      module or ``variables`` do not fit it; tracing failed; ``path`` cannot
+      be written.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]      # int8 weights and activations
+    >>> stats = qlite.calibrate(model, rules, [x, -x], variables=variables,
+    ...                         progress=False)
+    >>> blob = qlite.export_tflite(model, rules, stats, x, variables=variables,
+    ...                            path="model.tflite")
+    >>> qlite.inspect_tflite(blob).full_integer
+    True
   """
   if io_dtype not in litert.IO_DTYPES:
     raise QliteError(f"io_dtype must be one of {litert.IO_DTYPES}, got "
@@ -358,8 +451,26 @@ def _verify_loads(blob: bytes) -> None:
 
 
 def float_islands(info, graph: Graph | None = None) -> list[str]:
-  """Returns one line per float compute op: LiteRT op, its JAX module path
-  and (when a graph is given) the source line."""
+  """Returns one line per float compute op of an exported model.
+
+  Each line names the LiteRT op, its jax op and module path and, when
+  ``graph`` is given, the source line, e.g. ``"SIN (jax op `sin` in module
+  `Block_0`, model.py:12 (Block.__call__))"``: what
+  ``export_tflite(strict=True)`` reports.
+
+  Args:
+    info: the :class:`TFLiteInfo` of the model (:func:`inspect_tflite`).
+    graph: the traced :class:`qlite.trace.graph.Graph` of the model, for
+      source lines (optional).
+
+  Returns:
+    A list of strings; empty for a full-integer model.
+
+  Example:
+    >>> from qlite.litert.pipeline import float_islands
+    >>> float_islands(qlite.inspect_tflite(blob))   # blob: export_tflite's
+    []
+  """
   by_path = {}
   if graph is not None:
     for node in graph.nodes:
@@ -383,7 +494,35 @@ def _float_island_message(info, graph) -> str:
 
 def export_float_tflite(model, example_args, variables=None,
                         path=None) -> bytes:
-  """Exports the float model (no quantization) as ``.tflite`` bytes."""
+  """Exports the float model (no quantization) as ``.tflite`` bytes.
+
+  The float baseline of :func:`export_tflite` (e.g. to compare size,
+  latency or accuracy): same interface, float32 kernels.
+
+  Args:
+    model: a ``flax.linen.Module`` (pass ``variables``) or a
+      ``flax.nnx.Module``.
+    example_args: an array, or a tuple of positional arrays, fixing the
+      input shapes and dtypes.
+    variables: the Linen variables; None for NNX.
+    path: if given, the file is also written there, atomically.
+
+  Returns:
+    The ``.tflite`` flatbuffer bytes.
+
+  Raises:
+    QliteError: ``model`` is not a Flax module; a Linen model without
+      ``variables`` (or an NNX one with); ``path`` cannot be written.
+    ConversionError: ``jax.export`` or the converter failed.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> blob = qlite.export_float_tflite(model, x, variables=variables)
+    >>> qlite.inspect_tflite(blob).op_histogram
+    {'FULLY_CONNECTED': 1}
+  """
   from qlite.trace.flax_hooks import model_function
   mf = model_function(model, variables)
   args = _as_args(example_args)

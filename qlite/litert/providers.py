@@ -45,8 +45,38 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 class CalibrationProvider(_PlannedProvider):
   """Runs the float model and records statistics at every boundary.
 
-  Each call is jitted (once per input signature) and aggregates into
-  ``provider.stats`` (a :class:`QuantStats`) on the host.
+  Each call is jitted (once per input signature) and aggregates its batch
+  into ``provider.stats`` on the host. :func:`qlite.calibrate` drives this
+  provider for you.
+
+  Args:
+    rules: the :class:`qlite.QuantizationRule` list (or one rule); the first
+      match applies.
+    method: the default range method, stored in ``stats.meta["method"]``
+      (see :func:`qlite.calibrate`).
+
+  Attributes:
+    stats: the :class:`QuantStats` aggregated so far.
+    num_batches: the number of batches recorded.
+    method: the default range method.
+
+  Raises:
+    CalibrationError: an unknown ``method`` (the message lists the valid
+      names); while running, an activation with NaN / Inf (names the
+      boundary).
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> provider = qlite.annotate.CalibrationProvider(rules)
+    >>> qm = qlite.quantize_model(model, provider, variables=variables)
+    >>> for batch in (x, -x):
+    ...   _ = qm.apply(variables, batch)
+    >>> provider.stats
+    QuantStats(2 records, 2 batches, method='minmax')
   """
 
   def __init__(self, rules: Sequence[QuantizationRule], *,
@@ -124,11 +154,39 @@ class CalibrationProvider(_PlannedProvider):
 
 
 class ConversionProvider(_PlannedProvider):
-  """Emits ``quant.fake_quant`` composites: weights per channel (symmetric,
+  """Runs the model as qlite's fake-quant model (the ``.tflite``'s numerics).
+
+  Emits ``quant.fake_quant`` composites: weights per channel (symmetric,
   narrow range), activations per tensor from ``stats``. Params are folded in
   as constants, so call it with concrete variables (not under ``jit``).
-  Running it in JAX gives qlite's fake-quant model; exporting it gives the
-  full-integer ``.tflite``.
+  Running it in JAX gives qlite's fake-quant model; exporting it
+  (:func:`qlite.export_tflite`) gives the full-integer ``.tflite``.
+
+  Args:
+    rules: the :class:`qlite.QuantizationRule` list used to calibrate.
+    stats: the :class:`QuantStats` (or a QAT ``quant_stats`` collection);
+      None only when no boundary needs calibrated statistics.
+
+  Attributes:
+    stats: the statistics, as a :class:`QuantStats`.
+
+  Raises:
+    CalibrationError: ``stats`` is not a statistics object; when tracing, a
+      boundary has no statistics (names it).
+    QTypeError: when tracing, a rule's qtype LiteRT cannot run.
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> stats = qlite.calibrate(model, rules, [x, -x], variables=variables,
+    ...                         progress=False)
+    >>> provider = qlite.annotate.ConversionProvider(rules, stats)
+    >>> fq = qlite.quantize_model(model, provider, x, variables=variables)
+    >>> fq.apply(variables, x).shape     # what the exported .tflite computes
+    (1, 4)
   """
 
   def __init__(self, rules: Sequence[QuantizationRule],

@@ -10,12 +10,43 @@ from qlite.errors import QliteError
 
 
 class TFLiteRunner:
-  """Runs a ``.tflite`` model on flat numpy inputs (in signature order).
+  """Runs a ``.tflite`` model with the LiteRT interpreter on numpy arrays.
 
-  int8 model inputs / outputs are quantized / dequantized with the tensor's
-  own scale, so callers always pass and get float arrays. ``xnnpack=False``
-  runs LiteRT's builtin kernels only (the XNNPACK delegate is otherwise
-  tried first).
+  Inputs and outputs are flat, in signature order. int8 model inputs /
+  outputs are quantized / dequantized with the tensor's own scale, so
+  callers always pass and get float arrays. The XNNPACK delegate is tried
+  first; when it refuses the model, LiteRT's builtin kernels run it (as on
+  a phone without the delegate) and :attr:`delegate_error` says why.
+
+  Args:
+    model: the ``.tflite`` bytes (for a file: ``open(path, "rb").read()``).
+    num_threads: interpreter threads (None: LiteRT's default).
+    preserve_all_tensors: keep every intermediate tensor readable with
+      :meth:`tensor` after :meth:`run` (more memory).
+    xnnpack: False runs LiteRT's builtin kernels only.
+
+  Attributes:
+    input_names: the signature's input names, in order.
+    output_names: the signature's output names, in order.
+    delegate_error: why XNNPACK refused the model, or None.
+    interpreter: the ``ai_edge_litert`` ``Interpreter``.
+
+  Raises:
+    QliteError: LiteRT cannot load the model (not a ``.tflite``, or an op it
+      cannot prepare).
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]
+    >>> stats = qlite.calibrate(model, rules, [x, -x], variables=variables,
+    ...                         progress=False)
+    >>> blob = qlite.export_tflite(model, rules, stats, x, variables=variables)
+    >>> runner = qlite.TFLiteRunner(blob)
+    >>> (y,) = runner.run(x)
+    >>> y.shape, y.dtype
+    ((1, 4), dtype('float32'))
   """
 
   def __init__(self, model: bytes, *, num_threads: int | None = None,
@@ -58,9 +89,34 @@ class TFLiteRunner:
     self.output_details = [out[n] for n in self.output_names]
 
   def set_fixed_inputs(self, values: Sequence[np.ndarray]) -> None:
-    """Fixes the model's last ``len(values)`` inputs (e.g. weights fed as
-    inputs); :meth:`run` then takes only the others. Converted once; each
-    run copies them into the input tensors (no new allocation)."""
+    """Fixes the model's last inputs to ``values`` (e.g. weights fed as inputs).
+
+    :meth:`run` then takes only the other inputs. The values are converted
+    to the inputs' dtypes once; each run copies them into the input tensors
+    (no new allocation).
+
+    Args:
+      values: arrays for the last ``len(values)`` model inputs, in signature
+        order (an empty sequence un-fixes them).
+
+    Returns:
+      None.
+
+    Raises:
+      QliteError: more values than model inputs, or a value of a shape its
+        input does not take.
+
+    Example:
+      >>> class MatMul(nn.Module):        # a model f(x, w)
+      ...   def __call__(self, x, w):
+      ...     return x @ w
+      >>> w = np.ones((8, 4), np.float32)
+      >>> blob = qlite.export_float_tflite(MatMul(), (x, w), variables={})
+      >>> runner = qlite.TFLiteRunner(blob)
+      >>> runner.set_fixed_inputs([w])
+      >>> runner.run(x)[0]
+      array([[8., 8., 8., 8.]], dtype=float32)
+    """
     first = len(self.input_details) - len(values)
     if first < 0:
       raise QliteError(f"the .tflite model takes {len(self.input_details)} "
@@ -81,11 +137,26 @@ class TFLiteRunner:
     return out
 
   def run(self, *flat_inputs: np.ndarray) -> list[np.ndarray]:
-    """Returns the float outputs for ``flat_inputs`` (all inputs but the
-    ones set by :meth:`set_fixed_inputs`).
+    """Runs the model and returns its outputs as float arrays.
+
+    Args:
+      *flat_inputs: one array per model input, in signature order, without
+        the inputs fixed by :meth:`set_fixed_inputs`. A float array for an
+        int8 input is quantized with the input's scale and zero point;
+        other arrays are cast to the input's dtype.
+
+    Returns:
+      The list of outputs, in signature order; int8 outputs dequantized to
+      float32.
 
     Raises:
-      QliteError: wrong number of inputs or a shape the model does not take.
+      QliteError: a wrong number of inputs, or an array of a shape the model
+        does not take (e.g. another batch size).
+
+    Example:
+      >>> outputs = runner.run(x)   # runner, x: the class example's
+      >>> [y.shape for y in outputs]
+      [(1, 4)]
     """
     n = len(self.input_details) - len(self._fixed)
     if len(flat_inputs) != n:
@@ -98,7 +169,30 @@ class TFLiteRunner:
             for n, d in zip(self.output_names, self.output_details)]
 
   def tensor(self, index: int) -> np.ndarray:
-    """Returns intermediate tensor ``index`` (needs preserve_all_tensors)."""
+    """Returns the value of tensor ``index`` after the last :meth:`run`.
+
+    Intermediate tensors keep their values only when the runner was made
+    with ``preserve_all_tensors=True`` (otherwise LiteRT reuses their
+    memory).
+
+    Args:
+      index: a tensor index (``TensorInfo.index``, from
+        :func:`qlite.inspect_tflite`).
+
+    Returns:
+      A copy of the tensor's value in its model dtype (int8 tensors are not
+      dequantized).
+
+    Raises:
+      ValueError: ``index`` is not a tensor of the model (raised by LiteRT).
+
+    Example:
+      >>> runner = qlite.TFLiteRunner(blob, preserve_all_tensors=True)
+      >>> _ = runner.run(x)           # blob, x: the class example's
+      >>> q = qlite.inspect_tflite(blob).tensors[1]   # QUANTIZE's output
+      >>> runner.tensor(q.index).dtype
+      dtype('int8')
+    """
     return self.interpreter.get_tensor(index)
 
 

@@ -44,14 +44,40 @@ def _placeholder(shape, dtype, qtype, channel_axes, tile_sizes, method,
 
 def abstract_quantized_params(model, rules: Sequence[QuantizationRule],
                               *example_args, variables=None):
-  """Returns the params tree of ``model`` (Linen ``variables`` / NNX state)
-  with a placeholder :class:`QArray` (``jax.ShapeDtypeStruct`` leaves, the
-  qtype, channel axes and tiles set) wherever a rule quantizes the weight,
-  and ``jax.ShapeDtypeStruct`` elsewhere. Feed it (or any subtree of it) to
-  :func:`quantize_params`.
+  """Returns the params tree with placeholder QArrays for the quantized weights.
+
+  The tree of ``model``'s params (Linen ``variables`` / NNX state) with a
+  placeholder :class:`QArray` (``jax.ShapeDtypeStruct`` leaves, the qtype,
+  channel axes and tiles set) wherever a rule quantizes the weight, and
+  ``jax.ShapeDtypeStruct`` elsewhere; no statistics needed. Feed it (or any
+  subtree of it) to :func:`quantize_params`, or to :func:`restore_qparams`.
+
+  Args:
+    model: a ``flax.linen.Module`` or ``flax.nnx.Module``.
+    rules: the :class:`qlite.QuantizationRule` list.
+    *example_args: example inputs to trace the model on (required).
+    variables: the Linen variables; None for NNX.
+
+  Returns:
+    A tree of the params' structure with ``QArray`` /
+    ``jax.ShapeDtypeStruct`` leaves.
 
   Raises:
-    QliteError: the model cannot be traced on ``example_args``.
+    QliteError: no ``example_args``; a Linen model without ``variables``;
+      the model cannot be traced on ``example_args``; a
+      ``weight_tile_size`` that does not divide the contraction length.
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> from qlite import xla
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule(act_qtype=None)]   # weight-only
+    >>> abstract = xla.abstract_quantized_params(model, rules, x,
+    ...                                          variables=variables)
+    >>> abstract["params"]["kernel"].qtype.name, abstract["params"]["bias"]
+    ('int8', ShapeDtypeStruct(shape=(4,), dtype=float32))
   """
   if not example_args:
     raise QliteError("abstract_quantized_params needs example args to trace "
@@ -96,17 +122,42 @@ def _same(x, abstract):
 
 
 def quantize_params(fp_params, abstract_qparams, quant_stats=None):
-  """Returns ``fp_params`` with every weight that ``abstract_qparams`` marks
-  with a QArray quantized to that QArray's qtype / channel axes / tiles;
-  other leaves are returned unchanged.
+  """Quantizes the weights that ``abstract_qparams`` marks with a QArray.
 
+  Every weight under a placeholder QArray is quantized to that QArray's
+  qtype / channel axes / tiles; other leaves are returned unchanged.
   ``fp_params`` and ``abstract_qparams`` may be matching subtrees (one
-  layer at a time, e.g. while streaming a checkpoint). ``quant_stats`` is
-  accepted for symmetry with the ODML path but not needed: SRQ activation
-  scales are applied by :class:`PtqProvider` (``PtqProvider(rules, stats)``).
+  layer at a time, e.g. while streaming a checkpoint).
+
+  Args:
+    fp_params: the float params (Linen variables / NNX state, or a subtree).
+    abstract_qparams: the matching (sub)tree of
+      :func:`abstract_quantized_params`.
+    quant_stats: accepted for symmetry with the ODML path but not needed:
+      SRQ activation scales are applied by :class:`PtqProvider`
+      (``PtqProvider(rules, stats)``).
+
+  Returns:
+    ``fp_params`` with ``QArray`` leaves for the quantized weights.
 
   Raises:
     QliteError: the trees do not match, or a weight's shape differs.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> from qlite import xla
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule(act_qtype=None)]   # weight-only
+    >>> abstract = xla.abstract_quantized_params(model, rules, x,
+    ...                                          variables=variables)
+    >>> qparams = xla.quantize_params(variables, abstract)
+    >>> qm = xla.quantize_model(model, xla.PtqProvider(rules),
+    ...                         variables=variables)
+    >>> qm.apply(qparams, x).shape
+    (1, 4)
+    >>> kernel = xla.quantize_params(variables["params"]["kernel"],
+    ...                              abstract["params"]["kernel"])  # a subtree
   """
   del quant_stats
   try:
@@ -154,7 +205,24 @@ def _storable_abstract(a):
 
 
 def save_qparams(path: str | os.PathLike, qparams) -> None:
-  """Saves quantized params with orbax (``path`` must not exist)."""
+  """Saves quantized params with orbax (``path`` must not exist).
+
+  int4 values are stored as int8 (tensorstore has no int4);
+  :func:`restore_qparams` casts them back.
+
+  Args:
+    path: a directory that does not exist yet.
+    qparams: params with ``QArray`` leaves (:func:`quantize_params`).
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError: ``path`` already exists (raised by orbax).
+
+  Example:
+    >>> xla.save_qparams("/tmp/qckpt", qparams)   # qparams: quantize_params'
+  """
   import orbax.checkpoint as ocp
   tree = jax.tree.map(_to_storable, qparams, is_leaf=is_qarray)
   with ocp.StandardCheckpointer() as ckptr:
@@ -162,9 +230,24 @@ def save_qparams(path: str | os.PathLike, qparams) -> None:
 
 
 def restore_qparams(path: str | os.PathLike, abstract_qparams):
-  """Returns the quantized params saved at ``path`` by :func:`save_qparams`;
-  ``abstract_qparams`` (from :func:`abstract_quantized_params`) gives the
-  structure, qtypes and layouts."""
+  """Returns the quantized params saved at ``path`` by :func:`save_qparams`.
+
+  Args:
+    path: the checkpoint directory.
+    abstract_qparams: from :func:`abstract_quantized_params` (same model and
+      rules as the saved params): gives the structure, qtypes and layouts.
+
+  Returns:
+    The params tree with ``QArray`` leaves, as saved.
+
+  Raises:
+    FileNotFoundError: no checkpoint at ``path`` (raised by orbax).
+
+  Example:
+    >>> qparams = xla.restore_qparams("/tmp/qckpt", abstract)
+    >>> qm.apply(qparams, x).shape   # as in quantize_params' example
+    (1, 4)
+  """
   import orbax.checkpoint as ocp
   target = jax.tree.map(_storable_abstract, abstract_qparams,
                         is_leaf=is_qarray)

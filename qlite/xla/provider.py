@@ -117,14 +117,41 @@ def _param_of(graph: graph_lib.Graph, var) -> int | None:
 
 
 class PtqProvider(Provider):
-  """XLA post-training quantization provider.
+  """XLA post-training quantization provider: quantized dots and convs.
+
+  Every ``dot_general`` / ``conv_general_dilated`` whose weight a rule
+  quantizes runs as a quantized op: weight-only (``act_qtype=None``),
+  dynamic-range (``act_static_scale=False``: activations quantized per row
+  on the fly) or static-range (``act_static_scale=True``: per-tensor
+  activation scales from ``stats``, the boundaries of the LiteRT export).
+  Float params are quantized once and cached; pre-quantized ones
+  (:func:`qlite.xla.quantize_params`) are used as they are. Use it through
+  :func:`qlite.xla.quantize_model`.
 
   Args:
     rules: the :class:`qlite.QuantizationRule` list (first match wins).
     stats: SRQ activation statistics (:func:`qlite.calibrate`); needed when
       a rule has ``act_static_scale=True`` and ``act_qtype`` set.
-  Raises (at trace time):
-    CalibrationError: SRQ without statistics for a boundary (names the key).
+
+  Raises:
+    RuleError: an element of ``rules`` is not a ``QuantizationRule``.
+    CalibrationError: ``stats`` is not a statistics object; at trace time,
+      SRQ without statistics for a boundary (names the key).
+    QliteError: at trace time, a ``weight_tile_size`` that does not divide
+      the contraction length.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> from qlite import xla
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule()]          # int8 weights, SRQ
+    >>> stats = qlite.calibrate(model, rules, [x, -x], variables=variables,
+    ...                         progress=False)
+    >>> qm = xla.quantize_model(model, xla.PtqProvider(rules, stats),
+    ...                         variables=variables)
+    >>> qm.apply(variables, x).shape
+    (1, 4)
   """
 
   def __init__(self, rules: Sequence[QuantizationRule],
@@ -280,18 +307,62 @@ class PtqModel(QuantizedModel):
   """
 
   def apply(self, params, *args):
-    """Returns the outputs for ``args`` with ``params`` (float or quantized;
-    Linen variables or NNX state)."""
+    """Runs the quantized model with ``params`` (float or quantized).
+
+    Args:
+      params: the Linen variables or NNX state, float or with ``QArray``
+        leaves (:func:`qlite.xla.quantize_params`,
+        :func:`qlite.xla.restore_qparams`).
+      *args: the model's positional inputs.
+
+    Returns:
+      The model's outputs.
+
+    Raises:
+      QliteError: ``params`` has another number of arrays than the model
+        traced with, or tracing failed.
+
+    Example:
+      >>> qm.apply(qparams, x).shape   # qm, qparams: quantize_params' example
+      (1, 4)
+    """
     return self._run(params, args)
 
 
 def quantize_model(model, provider: PtqProvider, *example_args,
                    variables=None) -> PtqModel:
-  """Returns ``model`` wrapped as a :class:`PtqModel` run by ``provider``.
+  """Wraps ``model`` for XLA post-training quantization by ``provider``.
 
-  ``example_args`` (optional) trace the model now, so errors show up here.
+  Args:
+    model: a ``flax.linen.Module`` or ``flax.nnx.Module``, unmodified.
+    provider: a :class:`PtqProvider`.
+    *example_args: optional example inputs: the model is traced on them
+      now, so errors show up here rather than at the first call.
+    variables: the float Linen variables (needed for ``qm(*args)`` and with
+      ``example_args``); None for NNX.
+
+  Returns:
+    A :class:`PtqModel`: ``qm.apply(params, *args)`` with float or quantized
+    params, ``qm(*args)`` with the model's own variables.
+
   Raises:
-    QliteError: not a Flax model; Linen without variables; tracing failed.
+    QliteError: ``model`` is not a Flax module; ``provider`` is not a qlite
+      provider; ``example_args`` given for a Linen model without
+      ``variables``; tracing failed; a ``weight_tile_size`` that does not
+      divide the contraction length.
+    CalibrationError: with ``example_args``, an SRQ rule and no statistics
+      for a boundary.
+
+  Example:
+    >>> import jax, numpy as np, flax.linen as nn, qlite
+    >>> from qlite import xla
+    >>> model, x = nn.Dense(4), np.ones((1, 8), np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> rules = [qlite.QuantizationRule(act_static_scale=False)]   # DRQ
+    >>> qm = xla.quantize_model(model, xla.PtqProvider(rules), x,
+    ...                         variables=variables)
+    >>> qm.apply(variables, x).shape
+    (1, 4)
   """
   qm = PtqModel(model, provider, variables)
   if example_args:
