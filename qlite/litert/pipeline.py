@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qlite.litert.providers import CalibrationProvider, ConversionProvider
-from qlite.quant.scales import as_quant_stats
+from qlite.quant.scales import as_quant_stats, range_warnings
 from qlite.litert import inspect as inspect_lib
 from qlite.litert.inspect import tensor_module_path
 from qlite.litert import convert as litert
@@ -23,6 +23,7 @@ from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
 from qlite.trace import graph as graph_lib
 from qlite.trace.graph import Graph
+from qlite.quant import fingerprint
 from qlite.quant.provider import QuantizedModel
 from qlite.rules import QuantizationRule
 
@@ -100,7 +101,7 @@ def _litert_calibration_step(qm, provider, graph, plan):
            for v in graph.arg_vars]
   holder = [fn]   # handed over: the folded weights go before conversion
   del fn
-  weight_bytes = sum(np.asarray(p).nbytes for p in flat_params)
+  weight_bytes = sum(getattr(p, "nbytes", 0) for p in flat_params)
   if weight_bytes >= CALIBRATION_WEIGHTS_AS_INPUTS_BYTES:
     blob, weights = litert.convert_function_weights_as_inputs(
         holder, avals, num_outputs=len(bounds))
@@ -239,6 +240,7 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   stats.meta["fingerprint"] = plan_fingerprint(
       b.key for b in plan.boundaries.values())
   stats.meta["model"] = qm.mf.description
+  fingerprint.record(stats.meta, qm.mf.params)
   stats.samples = _kept_samples(first_args)
   return stats
 
@@ -259,7 +261,8 @@ def _kept_samples(args) -> list[np.ndarray]:
   return rows if sum(r.nbytes for r in rows) <= SAMPLE_MAX_BYTES else []
 
 
-def _export_function(model, rules, stats, example_args, variables):
+def _export_function(model, rules, stats, example_args, variables,
+                     allow_changed_weights: bool = False):
   stats = as_quant_stats(stats) if stats is not None else None
   provider = ConversionProvider(rules, stats)
   qm = QuantizedModel(model, provider, variables)
@@ -273,33 +276,23 @@ def _export_function(model, rules, stats, example_args, variables):
     raise CalibrationError(
         f"the stats were calibrated on {stats.meta['model']}, but the model "
         f"being exported is {qm.mf.description}: calibrate this model")
-  try:
-    graph, plan = qm.traced(args)
-  except CalibrationError as e:
-    raise _stats_mismatch(e, stats, qm) from None
-  if stats is not None and stats.meta.get("fingerprint") not in (
-      None, plan_fingerprint(b.key for b in plan.boundaries.values())):
-    warnings.warn(
-        f"qlite: the stats' boundaries differ from this model's under these "
-        f"rules (calibrated with other rules, or a changed model?)",
-        UserWarning, stacklevel=3)
+  if stats is not None:
+    fingerprint.check_stats_fit(stats.meta, qm.mf.params, qm.mf.description,
+                                allow_changed_weights=allow_changed_weights)
+  graph, plan = qm.traced(args)
+  poor = range_warnings(plan, stats)
+  if poor:
+    warnings.warn("qlite: calibrated ranges int8 cannot use well:\n  " +
+                  "\n  ".join(poor), UserWarning, stacklevel=3)
   fn = provider.function(graph, plan, jax.tree.leaves(qm.mf.params))
   return qm, graph, plan, fn, args
-
-
-def _stats_mismatch(err, stats, qm):
-  if stats is None or "fingerprint" not in stats.meta:
-    return err
-  model = stats.meta.get("model", "?")
-  return CalibrationError(
-      f"{err}\n(the stats were calibrated on {model} with a different graph "
-      f"than {qm.mf.description}: stats from a different model or rules?)")
 
 
 def export_tflite(model, rules: Sequence[QuantizationRule], stats,
                   example_args, variables=None, path=None,
                   io_dtype: str = "float32", *, strict: bool = True,
-                  verify: str = "error") -> bytes:
+                  verify: str = "error",
+                  allow_changed_weights: bool = False) -> bytes:
   """Exports a full-integer LiteRT ``.tflite`` and returns its bytes.
 
   Weights are quantized per output channel (symmetric), activations per
@@ -330,13 +323,17 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
       in ``stats.samples``: ``"error"`` raises when an output is not
       faithful to the fake-quant one, ``"warn"`` warns, ``"off"`` skips the
       check.
+    allow_changed_weights: use ``stats`` although the weights differ from
+      those it was calibrated with (same parameter shapes and dtypes).
 
   Returns:
     The ``.tflite`` flatbuffer bytes.
 
   Raises:
     CalibrationError: ``stats`` is not a statistics object, has no record
-      for a boundary (names it), or was calibrated on another model.
+      for a boundary (names it), was calibrated on another model (names the
+      parameters that differ), or on other weights (unless
+      ``allow_changed_weights``).
     QTypeError: a rule's qtype has no LiteRT integer kernel (e.g. fp8).
     UnsupportedOpError: ``strict`` and an op stayed float (names the LiteRT
       op, jax op, module path and source line).
@@ -365,8 +362,8 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
     raise QliteError(f"io_dtype must be one of {litert.IO_DTYPES}, got "
                      f"{io_dtype!r}")
   verify_lib.check_mode(verify)
-  qm, graph, plan, fn, args = _export_function(model, rules, stats,
-                                               example_args, variables)
+  qm, graph, plan, fn, args = _export_function(
+      model, rules, stats, example_args, variables, allow_changed_weights)
   if io_dtype == "int8":
     for i, var in enumerate(graph.arg_vars):
       if not np.issubdtype(np.dtype(graph.avals[var].dtype), np.floating):

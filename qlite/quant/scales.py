@@ -109,3 +109,47 @@ def as_quant_stats(stats: Any) -> QuantStats:
   raise CalibrationError(f"stats must be a qlite.QuantStats (from "
                          f"qlite.calibrate or QuantStats.load), got "
                          f"{type(stats).__name__}")
+
+
+# A range whose int8 step exceeds the values' RMS this many times over keeps
+# most values within one code (measured on the zoo / fuzz: < 20x).
+OUTLIER_STEP_OVER_RMS = 1.0
+
+
+def range_warnings(plan, stats: QuantStats | None) -> list[str]:
+  """Returns one line per boundary whose calibrated range int8 cannot use
+  well: a model input narrower than what an int32 bias can follow
+  (quantized as a constant) or constant over all calibration data; any
+  boundary so wide next to the values' RMS that one int8 step exceeds it
+  (outliers or a mask fill set the range). Intermediate values that are
+  constant up to float rounding (the mean of a normalized signal) are
+  common and not reported. Boundaries with a fixed range are skipped."""
+  if stats is None:
+    return []
+  lines = []
+  for b in plan.boundaries.values():
+    if b.fixed_range is not None or b.key not in stats:
+      continue
+    record = stats[b.key]
+    lo, hi = (float(np.asarray(record["min"])), float(np.asarray(record["max"])))
+    where = f"`{b.key}` ({b.source})"
+    width = hi - lo
+    if b.op != "input" and width < ZERO_RANGE_WIDTH:
+      continue
+    if width == 0:
+      lines.append(f"{where} is constant ({lo:g}) over all calibration data")
+    elif width < ZERO_RANGE_WIDTH:
+      lines.append(f"{where} spans only {width:.3g} ({lo:.3g} .. {hi:.3g}): "
+                   f"too narrow for int8 with an int32 bias, it is quantized "
+                   f"as a constant; rescale the model's inputs or weights")
+    elif "sumsq" in record and "count" in record and \
+        float(np.asarray(record["count"])) > 0:
+      rms = float(np.sqrt(np.asarray(record["sumsq"], np.float64)
+                          / np.asarray(record["count"], np.float64)))
+      step = width / 255.0
+      if np.isfinite(rms) and rms > 0 and step > OUTLIER_STEP_OVER_RMS * rms:
+        lines.append(f"{where}: range {lo:.3g} .. {hi:.3g} gives an int8 "
+                     f"step of {step:.3g}, above the values' RMS {rms:.3g}: "
+                     f"outliers or a mask fill set the range; most values "
+                     f"round to a few codes")
+  return lines
