@@ -90,7 +90,7 @@ def _litert_calibration_step(qm, provider, graph, plan):
   Raises ConversionError when the float model cannot be converted.
   """
   from qlite.litert.runtime import TFLiteRunner
-  bounds = [b for b in plan.boundaries.values() if b.fixed_range is None]
+  bounds = [b for b in plan.boundaries.values() if b.calibrated]
   flat_params = jax.tree.leaves(qm.mf.params)
   folded = graph_lib.fold_static(graph, flat_params)
   sub = dataclasses.replace(graph, out_vars=[b.var for b in bounds])

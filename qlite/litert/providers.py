@@ -13,7 +13,8 @@ import numpy as np
 from qlite.trace import graph as graph_lib
 from qlite.litert import fake_quant as fq
 from qlite.quant.plan import Plan, build_plan, quantize_operands
-from qlite.quant.scales import as_quant_stats, boundary_scale
+from qlite.quant.scales import (as_quant_stats, boundary_range,
+                                boundary_scale)
 from qlite.core import calibration, numerics
 from qlite.core.stats import QuantStats
 from qlite.errors import CalibrationError, QTypeError
@@ -98,7 +99,7 @@ class CalibrationProvider(_PlannedProvider):
         stats = {}
         def on_value(var, val):
           b = plan.boundaries.get(var)
-          if b is not None and b.fixed_range is None:
+          if b is not None and b.calibrated:
             stats[b.key] = calibration.batch_stats(
                 val, with_percentiles=var in need_pct,
                 with_histogram=var in need_hist)
@@ -234,6 +235,21 @@ class ConversionProvider(_PlannedProvider):
           narrow_range=spec.rule.weight_calibration_method == "absmax")
 
     def const(spec, c):
+      if spec.clamp_to is not None and spec.clamp_to in scales:
+        # a mask fill: clipped into the masked value's range, at its scale
+        lo, hi = boundary_range(plan.boundaries[spec.clamp_to], self.stats)
+        xp = jax.numpy if isinstance(c, jax.core.Tracer) else np
+        if graph.nodes[spec.node].name == "add":    # an additive mask
+          c = xp.clip(xp.nan_to_num(c, neginf=lo - hi), lo - hi, None)
+          s, z = numerics.scale_zero_point(
+              np.float32(np.min(c)), np.float32(max(np.max(c), 0.0)),
+              spec.rule.act_qtype, symmetric=False, narrow_range=False)
+          s, z = np.reshape(s, -1), np.reshape(z, -1)
+        else:                                        # a select's fill
+          c = xp.clip(xp.nan_to_num(c, neginf=lo, posinf=hi), lo, hi)
+          s, z = scales[spec.clamp_to]
+        return fq.fake_quant(jax.numpy.asarray(c, jax.numpy.float32), s, z,
+                             spec.rule.act_qtype)
       if not np.all(np.isfinite(c)):
         return None   # e.g. a -inf mask value: left float, strict export names it
       s, z = numerics.scale_zero_point(

@@ -35,7 +35,9 @@ class PlanContext:
 
   def __init__(self, graph, registry: "Registry",
                static_value: Callable[[Any, int], Any],
-               is_const_operand: Callable[[Any, int], bool]):
+               is_const_operand: Callable[[Any, int], bool],
+               value_of: Callable[[int], Any] | None = None):
+    self._value_of = value_of
     self.graph = graph
     self.registry = registry
     self._static_value = static_value
@@ -49,6 +51,10 @@ class PlanContext:
   def is_const_operand(self, node, i: int) -> bool:
     """True when operand ``i`` is a float constant (literal or static)."""
     return self._is_const_operand(node, i)
+
+  def value_of(self, var: int):
+    """The value of var ``var`` when it is a small param-free constant."""
+    return self._value_of(var) if self._value_of else None
 
   def handler(self, node) -> "OpHandler":
     """The handler of ``node``'s op."""
@@ -72,6 +78,8 @@ class OpHandler:
   primitives: frozenset = frozenset()
   litert_ops: tuple = ()
   notes: str = ""
+  # How far below the masked value's range a mask fill lands (masked_fill).
+  mask_margin: float = 0.0
 
   def role(self, node) -> str:
     """:data:`WEIGHTED`, :data:`PASS_THROUGH` or :data:`COMPUTE`."""
@@ -136,6 +144,12 @@ class OpHandler:
   def activation_kind(self, node, ctx: PlanContext) -> str | None:
     """``"relu"`` / ``"relu6"`` / ``"min6"`` when ``node`` is a clamp LiteRT
     fuses as an activation, else None."""
+    return None
+
+  def masked_fill(self, node, ctx: PlanContext) -> tuple[int, int] | None:
+    """``(fill operand, value operand)`` when ``node`` masks the value with
+    a fill that int8 cannot represent beside it (an attention mask before a
+    softmax): the output takes the value's range, the fill is clamped."""
     return None
 
   def reads_constant_values(self) -> bool:

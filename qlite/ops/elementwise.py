@@ -50,14 +50,16 @@ class Arithmetic(base.OpHandler):
   family = "elementwise"
   primitives = AFFINE
   litert_ops = ("ADD", "SUB", "MUL")
-  notes = "div by a constant runs as MUL by its quantized reciprocal"
+  notes = ("div by a constant runs as MUL by its quantized reciprocal; an "
+           "additive attention mask is clipped to the logits' range")
+  mask_margin = 10.0
 
   def chain_fusion(self, node, ctx, chain, direct, activated):
     graph = ctx.graph
     static_float = [i for i, a in enumerate(node.inputs)
                     if isinstance(a, int) and not graph.is_activation(a)
                     and graph.is_float(a)]
-    if not static_float or activated:
+    if not static_float or activated or self.masked_fill(node, ctx):
       return None
     if node.name in BIAS and direct:
       return "affine"
@@ -72,6 +74,25 @@ class Arithmetic(base.OpHandler):
     return [(i, node.name == "div" and i == 1)
             for i in _const_operands(node, ctx)]
 
+  def masked_fill(self, node, ctx):
+    """An additive attention mask: ``logits + m`` with a constant ``m`` of
+    zeros and huge negatives, feeding a softmax (qlite.ops.masking)."""
+    if node.name != "add":
+      return None
+    from qlite.ops import masking
+    for fill, value in ((0, 1), (1, 0)):
+      c = masking._constant(ctx, node.inputs[fill])
+      if c is None or np.size(c) == 0 or not ctx.graph.is_activation(
+          node.inputs[value]) or not np.issubdtype(c.dtype, np.floating):
+        continue
+      if np.min(c) <= masking.FILL_AT_MOST and masking._feeds_softmax(
+          ctx, node.outputs[0]):
+        return fill, value
+    return None
+
+  def reads_constant_values(self) -> bool:
+    return True          # additive masks (masked_fill)
+
   def scales_by_constant(self, node, ctx) -> bool:
     return node.name in ("div", "mul") and any(
         ctx.is_const_operand(node, i) for i in range(2))
@@ -79,8 +100,8 @@ class Arithmetic(base.OpHandler):
 
 class OtherBinary(base.OpHandler):
   family = "elementwise_other"
-  primitives = frozenset({"pow", "select_n", "atan2", "rem"})
-  litert_ops = ("POW", "SELECT_V2")
+  primitives = frozenset({"pow", "atan2", "rem"})
+  litert_ops = ("POW",)
 
   def quantized_constants(self, node, ctx):
     return [(i, False) for i in _const_operands(node, ctx)]

@@ -38,6 +38,16 @@ class Boundary:
   # average pool, whose int8 kernel rounds code sum / count half away from
   # zero); the fake-quant model rounds the same way.
   rounding: str = "half_even"
+  # Not calibrated on its own: the range of ``derived_from`` widened by
+  # ``derived_margin`` below its minimum (a select masking attention logits
+  # with a fill int8 cannot hold: qlite.ops.masking).
+  derived_from: "Boundary | None" = None
+  derived_margin: float = 0.0
+
+  @property
+  def calibrated(self) -> bool:
+    """True when calibration records statistics for this boundary."""
+    return self.fixed_range is None and self.derived_from is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +70,9 @@ class ConstSpec:
   rule: QuantizationRule
   key: str
   reciprocal: bool = False
+  # The value var whose boundary the constant is clipped to and quantized
+  # with (a mask fill: qlite.ops.masking), or None for its own range.
+  clamp_to: int | None = None
 
 
 @dataclasses.dataclass
@@ -157,7 +170,7 @@ class _Planner:
     self.registry = registry
     self.known = _param_free_constants(graph, registry)
     self.ctx = ops.PlanContext(graph, registry, self.static_value,
-                               self.is_const_operand)
+                               self.is_const_operand, self.known.get)
     self.keys = _Keys()
     self.const_keys = _Keys()
     self.rules: dict[int, tuple[int, QuantizationRule]] = {}
@@ -171,6 +184,8 @@ class _Planner:
     self.activated: set[int] = set()  # chain values already past a relu
     self.sum_scale: dict[int, Node] = {}  # scaling node -> its sum producer
     self.boundaries: dict[int, Boundary] = {}
+    # select output -> (masked value var, margin)
+    self.masked: dict[int, tuple[int, float]] = {}
 
   # -- operand classification
   def static_value(self, node: Node, i: int):
@@ -186,12 +201,18 @@ class _Planner:
     return (not self.graph.is_activation(a)) and self.graph.is_float(a)
 
   def _add_consts(self, node: Node, rule) -> None:
-    for i, reciprocal in self.registry[node.name].quantized_constants(
-        node, self.ctx):
+    handler = self.registry[node.name]
+    masked = handler.masked_fill(node, self.ctx)
+    if masked is not None:
+      self.masked[node.outputs[0]] = (node.inputs[masked[1]],
+                                      handler.mask_margin)
+    for i, reciprocal in handler.quantized_constants(node, self.ctx):
+      clamp = node.outputs[0] if masked is not None and i == masked[0] \
+          else None
       self.consts[(node.index, i)] = ConstSpec(
           node.index, i, rule,
           self.const_keys.make(node.module_path, node.name) + f":const{i}",
-          reciprocal=reciprocal)
+          reciprocal=reciprocal, clamp_to=clamp)
 
   # -- the pass
   def plan(self) -> Plan:
@@ -200,6 +221,7 @@ class _Planner:
     self._output_boundaries()
     self._input_boundaries()
     self._rounding()
+    self._derive_masked()
     _share_scales(self.graph, self.boundaries, self.quantized - self.fused,
                   {s.index: self.graph.nodes[c]
                    for c, s in self.sum_scale.items()}, self.ctx)
@@ -329,6 +351,16 @@ class _Planner:
           prod = graph.producer[src]
           self._add_boundary(src, None, self.rules[node.index], prod.name,
                              prod.module_path, prod.source)
+
+  def _derive_masked(self) -> None:
+    """Masked selects take the range of the value they mask (widened)."""
+    for out, (value, margin) in self.masked.items():
+      src = scale_source(self.graph, value, self.registry)
+      b, source = self.boundaries.get(out), self.boundaries.get(src)
+      if b is None or source is None or b.fixed_range is not None:
+        continue
+      self.boundaries[out] = dataclasses.replace(
+          b, derived_from=source, derived_margin=margin)
 
   def _rounding(self) -> None:
     for scale_index, summed in self.sum_scale.items():

@@ -31,6 +31,9 @@ def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
   """
   if b.fixed_range is not None:
     return b.fixed_range
+  if b.derived_from is not None:      # a masked select: the value's range
+    lo, hi = boundary_range(b.derived_from, stats)
+    return lo - b.derived_margin, hi
   if stats is None or b.key not in stats:
     raise CalibrationError(
         f"no calibration statistics for `{b.key}` (op `{b.op}` in module "
@@ -128,7 +131,7 @@ def range_warnings(plan, stats: QuantStats | None) -> list[str]:
     return []
   lines = []
   for b in plan.boundaries.values():
-    if b.fixed_range is not None or b.key not in stats:
+    if not b.calibrated or b.key not in stats:
       continue
     record = stats[b.key]
     lo, hi = (float(np.asarray(record["min"])), float(np.asarray(record["max"])))
