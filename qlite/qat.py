@@ -102,6 +102,9 @@ class QatProvider(Provider):
         return val
       if b.fixed_range is not None:
         lo, hi = (jnp.float32(v) for v in b.fixed_range)
+      elif b.derived_from is not None:    # a masked select: the logits' range
+        src = new_stats.get(b.derived_from.key, stats[b.derived_from.key])
+        lo, hi = src["min"] - b.derived_margin, src["max"]
       else:
         rec = stats[b.key]
         lo, hi = rec["min"], rec["max"]
@@ -237,7 +240,7 @@ class QatModel:
     g, plan = self._traced(params, args)
     stats = {b.key: {"min": jnp.float32(0.0), "max": jnp.float32(0.0),
                      "count": jnp.int32(0)}
-             for b in plan.boundaries.values() if b.fixed_range is None}
+             for b in plan.boundaries.values() if b.calibrated}
     return {**variables, STATS: stats}
 
   def apply(self, variables, *args, mutable=False):

@@ -149,3 +149,16 @@ def test_calibration_does_not_record_the_fill():
   stats = qlite.calibrate(model, RULES, bs[:3], variables=v, progress=False)
   assert all(np.isfinite(float(r["min"])) and float(r["min"]) > -1e3
              for r in stats.records.values()), stats.records
+
+
+def test_qat_with_a_masked_softmax_exports_full_integer():
+  x = _batches(n=1)[0]
+  model = WhereMask(-1e9)
+  qat = qlite.quantize_model(model, qlite.QatProvider(RULES))
+  qv = qat.init(jax.random.key(0), x)
+  _, upd = qat.apply(qv, x, mutable=["quant_stats"])
+  # the masked select's range is the logits' (no record of its own)
+  assert all(float(r["min"]) > -1e3 for r in upd["quant_stats"].values())
+  blob = qlite.export_tflite(model, RULES, upd["quant_stats"], x[:1],
+                             variables={"params": qv["params"]})
+  assert qlite.inspect_tflite(blob).full_integer
