@@ -1,6 +1,7 @@
 """Clamps and simple activations: MAXIMUM / MINIMUM, relu / relu6 fused into
-the conv / fully-connected before them, and ``jax.nn.leaky_relu`` traced as
-``max(x, a * x)``.
+the conv / fully-connected before them, ``jax.nn.leaky_relu`` traced as
+``max(x, a * x)``, and elu / celu / selu / softplus / log_sigmoid / mish
+traced in forms without a float comparison.
 
 * ``max(x, 0)``, ``clamp(0, x, 6)`` and ``min(max(x, 0), 6)`` after a conv /
   fully-connected fuse into it as RELU / RELU6; their 0 and 6 stay as they
@@ -12,6 +13,7 @@ the conv / fully-connected before them, and ``jax.nn.leaky_relu`` traced as
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qlite.ops import base
@@ -85,5 +87,67 @@ def _leaky_relu(original, x, negative_slope=1e-2):
 
 
 intercept.register(jax.nn.leaky_relu, _leaky_relu)
+
+
+# jax's elu / celu / selu / softplus / log_sigmoid / mish select between two
+# branches with a float comparison (GREATER, NOT_EQUAL stay float); these
+# forms compute the same function from MAXIMUM / MINIMUM / EXP / LOG / ABS /
+# MUL / ADD, which all have int8 kernels.
+def _float(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _elu(original, x, alpha=1.0):
+  if not _float(x):
+    return original(x, alpha)
+  zero = jnp.zeros((), x.dtype)
+  return jnp.maximum(x, zero) + alpha * (jnp.exp(jnp.minimum(x, zero)) - 1.0)
+
+
+def _celu(original, x, alpha=1.0):
+  if not _float(x):
+    return original(x, alpha)
+  zero = jnp.zeros((), x.dtype)
+  return jnp.maximum(x, zero) + alpha * (
+      jnp.exp(jnp.minimum(x, zero) / alpha) - 1.0)
+
+
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+def _selu(original, x):
+  if not _float(x):
+    return original(x)
+  return _SELU_SCALE * _elu(None, x, _SELU_ALPHA)
+
+
+def _softplus(original, x):
+  if not _float(x):
+    return original(x)
+  # (NEG has no int8 kernel: multiply by -1)
+  return jnp.maximum(x, jnp.zeros((), x.dtype)) + jnp.log(
+      1.0 + jnp.exp(jnp.abs(x) * -1.0))
+
+
+def _log_sigmoid(original, x):
+  if not _float(x):
+    return original(x)
+  return _softplus(None, x * -1.0) * -1.0
+
+
+def _mish(original, x):
+  if not _float(x):
+    return original(x)
+  return x * jnp.tanh(_softplus(None, x))
+
+
+for _fn, _replacement in ((jax.nn.elu, _elu), (jax.nn.celu, _celu),
+                          (jax.nn.selu, _selu), (jax.nn.softplus, _softplus),
+                          (jax.nn.log_sigmoid, _log_sigmoid),
+                          (jax.nn.mish, _mish)):
+  intercept.register(_fn, _replacement)
+del _fn, _replacement
 
 HANDLERS = (Clamp(),)
