@@ -17,9 +17,10 @@ from qlite.quant.scales import (as_quant_stats, boundary_range,
                                 boundary_scale)
 from qlite.core import calibration, numerics
 from qlite.core.stats import QuantStats
-from qlite.errors import CalibrationError, QTypeError
+from qlite.errors import CalibrationError, QTypeError, RuleError
+from qlite.litert.rule_check import check_rules_for_litert
 from qlite.quant.provider import Provider
-from qlite.rules import QuantizationRule, RuleMatcher
+from qlite.rules import QuantizationRule, RuleMatcher, aggregation_ignored
 
 
 class _PlannedProvider(Provider):
@@ -84,6 +85,15 @@ class CalibrationProvider(_PlannedProvider):
                method: str = "minmax"):
     super().__init__(rules)
     calibration.get_method(method)   # CalibrationError naming the valid ones
+    # No LiteRT-only checks here (qlite.litert.rule_check): the statistics
+    # also serve the XLA backend. An aggregation the calibrate() method
+    # ignores is wrong for every backend.
+    for i, r in enumerate(self.matcher.rules):
+      problem = None if r.act_calibration_method is not None else \
+          aggregation_ignored(r, method)
+      if problem:
+        raise RuleError(f"rules[{i}] (module_path={r.module_path!r}) under "
+                        f"calibrate(method={method!r}): {problem}")
     self.method = method
     self.records: dict[str, dict] = {}
     self.num_batches = 0
@@ -193,6 +203,8 @@ class ConversionProvider(_PlannedProvider):
   def __init__(self, rules: Sequence[QuantizationRule],
                stats: QuantStats | None = None):
     super().__init__(rules)
+    # RuleError for options the LiteRT export ignores or cannot honour
+    check_rules_for_litert(self.matcher.rules)
     if stats is not None and not isinstance(stats, QuantStats):
       stats = as_quant_stats(stats)
     self.stats = stats
