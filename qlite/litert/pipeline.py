@@ -224,7 +224,7 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
         try:
           lite = _litert_calibration_step(qm, provider, graph, plan)
           step = lambda a: lite(jax.tree.leaves(tuple(a)))
-        except ConversionError:
+        except QliteError:     # does not convert, or LiteRT cannot load it
           if engine == "litert":
             raise
     step(args)
@@ -484,9 +484,14 @@ def float_islands(info, graph: Graph | None = None) -> list[str]:
 
 def _float_island_message(info, graph) -> str:
   lines = float_islands(info, graph)
-  return ("the converted model still computes in float: " + "; ".join(lines) +
-          ". Cover these ops with a rule (act_qtype='int8'), or export with "
-          "strict=False to accept the float islands.")
+  # QUANTIZE / DEQUANTIZE only mark where an island starts and ends
+  compute = [l for l in lines if not l.startswith(("QUANTIZE ", "DEQUANTIZE "))]
+  return ("the converted model still computes in float: " +
+          "; ".join(compute or lines) + ". Either no rule quantizes these "
+          "ops' module (add a rule with act_qtype='int8' for it), or LiteRT "
+          "has no int8 kernel for them (rewrite the op, or keep that module "
+          "in float with a rule act_qtype=None and export with strict=False "
+          "to accept the float islands).")
 
 
 def export_float_tflite(model, example_args, variables=None,

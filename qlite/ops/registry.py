@@ -8,12 +8,12 @@ own. A new op family: a module with a ``HANDLERS`` tuple, listed here.
 from __future__ import annotations
 
 from qlite.ops import (activations, conv, elementwise, fully_connected, gelu,
-                       masking, normalization, reductions, resize, shape,
-                       softmax)
+                       masking, normalization, reductions, resize, segment,
+                       shape, softmax)
 from qlite.ops.base import Registry
 
 FAMILIES = (conv, fully_connected, elementwise, activations, softmax, gelu,
-            reductions, resize, shape, normalization, masking)
+            reductions, resize, shape, normalization, masking, segment)
 
 REGISTRY = Registry()
 for _module in FAMILIES:
