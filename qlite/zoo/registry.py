@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 from qlite.errors import QliteError
-from qlite.zoo import (digits_cnn, mlp_mixer, mobilenet_v2, resnet,
-                       squeeze_excite, tcn, transformer, unet)
+from qlite.zoo import (autoencoder, causal_lm, diffusion_unet, digits_cnn,
+                       graph_net, mlp_mixer, mobilenet_v2, moe, resnet,
+                       rnn_classifier, squeeze_excite, tcn, transformer, unet)
 from qlite.zoo.base import ZooModel
 
 __all__ = ["ZOO", "ZooModel", "FAMILIES", "get", "names"]
@@ -21,6 +22,14 @@ _MODULES = {
     "tcn": tcn,
     "squeeze_excite": squeeze_excite,
     "mlp_mixer": mlp_mixer,
+    # issue 15: idioms of public Flax models (appended: earlier names keep
+    # their order).
+    "causal_lm": causal_lm,
+    "rnn_classifier": rnn_classifier,
+    "autoencoder": autoencoder,
+    "graph_net": graph_net,
+    "diffusion_unet": diffusion_unet,
+    "moe": moe,
 }
 
 FAMILIES: tuple = tuple(_MODULES)
