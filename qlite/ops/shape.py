@@ -13,11 +13,11 @@ class PassThrough(base.OpHandler):
   family = "shape"
   primitives = frozenset({
       "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose",
-      "slice", "dynamic_slice", "gather", "copy", "copy_p", "rev",
+      "slice", "dynamic_slice", "gather", "copy", "copy_p", "rev", "split",
       "convert_element_type", "stop_gradient", "optimization_barrier",
   })
   litert_ops = ("RESHAPE", "TRANSPOSE", "SLICE", "STRIDED_SLICE", "GATHER",
-                "BROADCAST_TO", "REVERSE_V2")
+                "BROADCAST_TO", "REVERSE_V2", "SPLIT")
 
   def role(self, node) -> str:
     return base.PASS_THROUGH
