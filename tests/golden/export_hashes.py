@@ -6,7 +6,8 @@
     python tests/golden/export_hashes.py --only zoo # one group: zoo | bench | fuzz
 
 A fuzz seed that raises a named QliteError is recorded as "error: <class>".
-Exit status 1 when any hash differs from the recorded one.
+Exit status 1 when any hash differs from the recorded one; models without a
+recorded hash (added later) are listed as "new".
 """
 
 from __future__ import annotations
@@ -105,13 +106,18 @@ def main(argv=None) -> int:
     print(f"recorded {len(got)} hashes in {HASHES}")
     return 0
   want = json.load(open(HASHES))
-  bad = 0
+  bad = new = 0
   for k, v in got.items():
-    ok = want.get(k) == v
+    if k not in want:         # e.g. a zoo model added after the recording
+      new += 1
+      print(f"new   {k:32s} {v}")
+      continue
+    ok = want[k] == v
     bad += not ok
     print(f"{'same' if ok else 'DIFF'}  {k:32s} {v}"
-          + ("" if ok else f"  (recorded {want.get(k)})"))
-  print(f"\n{len(got) - bad}/{len(got)} identical")
+          + ("" if ok else f"  (recorded {want[k]})"))
+  print(f"\n{len(got) - new - bad}/{len(got) - new} identical"
+        + (f" ({new} not recorded)" if new else ""))
   return 1 if bad else 0
 
 
