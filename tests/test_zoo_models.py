@@ -70,15 +70,20 @@ def primitives(name):
   z = built(name)
   if z.framework == "linen":
     fn = functools.partial(z.model.apply, z.variables)
-  else:
-    fn = z.model
-  return _primitives(jax.make_jaxpr(fn)(*z.example_args).jaxpr)
+    return _primitives(jax.make_jaxpr(fn)(*z.example_args).jaxpr)
+  # the state as a traced argument (nnx.scan inside nnx.RNN needs it)
+  graphdef, state = nnx.split(z.model)
+  fn = lambda st, *args: nnx.merge(graphdef, st)(*args)
+  return _primitives(jax.make_jaxpr(fn)(state, *z.example_args).jaxpr)
 
 
 def test_registry_has_linen_and_nnx_of_every_family():
   families = {n.split("/")[0] for n in NAMES}
-  assert families == {"digits_cnn", "mobilenet_v2", "resnet", "transformer",
-                      "unet", "tcn", "squeeze_excite", "mlp_mixer"}
+  assert families == set(registry.FAMILIES)
+  assert families >= {"digits_cnn", "mobilenet_v2", "resnet", "transformer",
+                      "unet", "tcn", "squeeze_excite", "mlp_mixer",
+                      "causal_lm", "rnn_classifier", "autoencoder",
+                      "graph_net", "diffusion_unet", "moe"}
   assert sorted(NAMES) == sorted(f"{f}/{k}" for f in families
                                  for k in ("linen", "nnx"))
 
@@ -100,8 +105,8 @@ def test_model_runs_on_example_and_batches(name):
                     else nn.Module)
   assert z.param_count() < MAX_PARAMS
   assert len(z.batches) >= 8
-  for a in z.example_args:
-    assert isinstance(a, np.ndarray) and a.dtype == np.float32
+  for a in z.example_args:       # float inputs, or int32 token ids / indices
+    assert isinstance(a, np.ndarray) and a.dtype in (np.float32, np.int32)
     assert a.shape[0] == 1
   fwd = forward(name)
   out = np.asarray(fwd(*z.example_args))
@@ -192,6 +197,12 @@ EXPECTED = {
             "reduce_window_sum"],
     "squeeze_excite": ["logistic", "mul", "reduce_sum"],
     "mlp_mixer": ["transpose", "dot_general", "tanh"],
+    "causal_lm": ["dot_general", "select_n", "logistic", "rsqrt"],
+    "rnn_classifier": ["dot_general", "logistic", "tanh", "rev"],
+    "autoencoder": ["conv_general_dilated"],
+    "graph_net": ["gather", "concatenate", "dot_general"],
+    "diffusion_unet": ["sin", "cos", "concatenate", "exp"],
+    "moe": ["dot_general", "exp"],
 }
 
 
