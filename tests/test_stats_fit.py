@@ -110,3 +110,14 @@ def test_tiny_inputs_are_named():
   stats = qlite.calibrate(m, RULES, bs, variables=v, progress=False)
   with pytest.warns(UserWarning, match=r"`input0` .* spans only"):
     qlite.export_tflite(m, RULES, stats, bs[0][:1], variables=v)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_inputs_get_a_clear_error(dtype):
+  import ml_dtypes
+  dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+  m = MLP(8)
+  bs = [b.astype(dt) for b in _batches()]
+  v = m.init(jax.random.key(0), bs[0])
+  with pytest.raises(qlite.QliteError, match=f"argument 0 is {dtype}.*float32"):
+    qlite.calibrate(m, RULES, bs, variables=v, progress=False)

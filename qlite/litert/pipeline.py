@@ -71,6 +71,13 @@ def check_static_shapes(args, what: str):
           f"{what}: argument {i} has a dynamic shape {tuple(shape)}; LiteRT "
           f"models have static shapes: pass a concrete example (e.g. batch "
           f"size 1)")
+    dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    if dtype.name in ("bfloat16", "float16"):    # (float64: jax makes f32)
+      raise QliteError(
+          f"{what}: argument {i} is {dtype.name}; a LiteRT model's float "
+          f"inputs are float32 (int8 with io_dtype='int8'): pass float32 "
+          f"arrays (e.g. x.astype(np.float32)); a cast inside the model "
+          f"stays as the model wrote it")
 
 
 CALIBRATION_ENGINES = ("auto", "litert", "xla")
