@@ -8,6 +8,28 @@ import os
 import sys
 
 from qlite.errors import QliteError
+from qlite.litert.convert import SigintWatch
+
+
+def _count(minimum: int):
+  """An argparse type: an int >= ``minimum`` (a clear message otherwise)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(
+          f"must be {'positive' if minimum == 1 else f'>= {minimum}'}, "
+          f"got {value}")
+    return value
+  parse.__name__ = "count"     # argparse names the type in some messages
+  return parse
+
+
+_positive = _count(1)
+_non_negative = _count(0)
 
 
 def load_entry(entry: str):
@@ -42,53 +64,124 @@ def _cmd_demo(args):
   demo.main(args.out_dir, steps=args.steps)
 
 
-def calibrated_entry(entry: str, calib_batches: int, stats_path=None):
+def calibrated_entry(entry: str, calib_batches: int, stats_path=None, *,
+                     progress: bool = True, check=None):
   """Loads ENTRY and calibrates int8-everywhere rules on its first
-  ``calib_batches`` batches (or loads ``stats_path``); returns
-  ``(model, variables, batches, rules, stats)``.
+  ``calib_batches`` batches (or loads ``stats_path``, before ENTRY);
+  returns ``(model, variables, batches, rules, stats)``.
+  ``check(model, variables, batches)`` runs before calibrating.
 
   Raises:
-    QliteError: bad entry, no batches, calibration failure, bad stats file.
+    QliteError: bad entry, no batches, a dict batch or a flag in a batch,
+      ``calib_batches < 1``, calibration failure, bad stats file.
   """
   import qlite
-  model, variables, batches = load_entry(entry)
-  batches = list(batches)
-  if not batches:
-    raise QliteError(f"{entry} returned no calibration batches")
-  rules = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
-                                  act_qtype="int8")]
+  from qlite.quant.batches import describe_bad_batch
+  if calib_batches < 1:
+    raise QliteError(f"calib_batches must be positive, got {calib_batches}")
+  stats = None
   if stats_path is not None:
     stats = qlite.QuantStats.load(stats_path)
-  else:
+  model, variables, batches = load_entry(entry)
+  try:
+    batches = list(batches)
+  except TypeError:
+    raise QliteError(f"{entry} must return (model, variables, batches) with "
+                     f"batches a list or iterable of batches, got "
+                     f"{type(batches).__name__}") from None
+  if not batches:
+    raise QliteError(f"{entry} returned no calibration batches")
+  for n, batch in enumerate(batches):
+    problem = describe_bad_batch(batch, what=f"{entry}: batch {n}")
+    if problem is not None:
+      raise QliteError(problem)
+  if check is not None:
+    check(model, variables, batches)
+  rules = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
+                                  act_qtype="int8")]
+  if stats is None:
     stats = qlite.calibrate(model, rules, batches[:calib_batches],
-                            variables=variables)
+                            variables=variables, progress=progress)
   return model, variables, batches, rules, stats
+
+
+def _check_output_path(path: str, what: str) -> None:
+  """Refuses, before any work, an output path that cannot be written: its
+  directory is missing or it is a directory."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise QliteError(f"{what}: cannot write {path!r}: it is a directory")
+  if not os.path.isdir(directory):
+    raise QliteError(f"{what}: cannot write {path!r}: directory "
+                     f"{directory!r} does not exist; create it first")
+
+
+def _check_tflite_file(path: str) -> None:
+  """Refuses, before any work, a ``.tflite`` that is missing or unreadable.
+
+  Raises:
+    TFLiteFormatError: no such file, not a file, unreadable, not a .tflite.
+  """
+  import qlite
+  from qlite.errors import TFLiteFormatError
+  if not os.path.exists(path):
+    raise TFLiteFormatError(f"compare: no such .tflite file {path!r}")
+  if not os.path.isfile(path):
+    raise TFLiteFormatError(f"compare: {path!r} is not a file")
+  try:
+    with open(path, "rb") as f:
+      blob = f.read()
+  except OSError as e:
+    raise TFLiteFormatError(f"compare: cannot read {path!r}: "
+                            f"{e.strerror}") from None
+  try:
+    qlite.inspect_tflite(blob)
+  except TFLiteFormatError as e:
+    raise TFLiteFormatError(f"compare: {path!r}: {e}") from None
 
 
 def _cmd_export(args):
   import qlite
+  from qlite.litert.convert import write_atomic
+  _check_output_path(args.out, "export")
   model, variables, batches, rules, stats = calibrated_entry(
-      args.entry, args.calib_batches)
+      args.entry, args.calib_batches, progress=not args.no_progress)
   first = batches[0]
   example = tuple(x[:1] for x in first) if isinstance(first, (tuple, list)) \
       else first[:1]
   blob = qlite.export_tflite(model, rules, stats, example, variables=variables,
-                             path=args.out, io_dtype=args.io_dtype,
+                             io_dtype=args.io_dtype,
                              strict=not args.allow_float)
+  # Written here, not by export_tflite: a Ctrl-C that jax swallowed (one
+  # landing in its gc callback is printed and ignored) still writes nothing.
+  args.interrupts.check()
+  write_atomic(args.out, blob, what="export")
   print(qlite.inspect_tflite(blob).summary())
   print(f"wrote {args.out}")
 
 
 def _cmd_compare(args):
   import qlite
+  # Everything that can be checked without the model first: the .tflite,
+  # the output paths (then the stats file, in calibrated_entry).
+  _check_tflite_file(args.model)
+  for path in (args.json, args.csv, args.model_explorer):
+    if path is not None:
+      _check_output_path(path, "compare")
+  from qlite.analysis.runner import check_io_fits
+
+  def fits(model, variables, batches):
+    check_io_fits(args.model, model, variables, batches[0])
   model, variables, batches, rules, stats = calibrated_entry(
-      args.entry, args.calib_batches, args.stats)
+      args.entry, args.calib_batches, args.stats,
+      progress=not args.no_progress, check=fits)
   if args.batches is not None:
     batches = batches[:args.batches]
   report = qlite.compare(model, rules, stats, args.model, batches,
                          variables=variables, progress=not args.no_progress)
   print(report.table(metric=args.metric) if args.worst is None else
         report.table(worst=args.worst, metric=args.metric))
+  args.interrupts.check()
   for path, write in ((args.json, report.to_json), (args.csv, report.to_csv),
                       (args.model_explorer, report.to_model_explorer)):
     if path is not None:
@@ -121,16 +214,18 @@ def main(argv=None) -> int:
   sub = p.add_subparsers(dest="cmd", required=True)
   d = sub.add_parser("demo", help="train a digits CNN, export int8, verify")
   d.add_argument("--out-dir", default=".")
-  d.add_argument("--steps", type=int, default=300)
+  d.add_argument("--steps", type=_positive, default=300)
   d.set_defaults(func=_cmd_demo)
   e = sub.add_parser("export", help="calibrate and export ENTRY to .tflite")
   e.add_argument("entry", help="package.module:function returning "
                  "(model, variables, batches)")
   e.add_argument("--out", required=True)
   e.add_argument("--io-dtype", default="float32", choices=["float32", "int8"])
-  e.add_argument("--calib-batches", type=int, default=32)
+  e.add_argument("--calib-batches", type=_positive, default=32)
   e.add_argument("--allow-float", action="store_true",
                  help="accept float islands instead of failing")
+  e.add_argument("--no-progress", action="store_true",
+                 help="no progress bars")
   e.set_defaults(func=_cmd_export)
   c = sub.add_parser("compare", help="float JAX vs fake-quant JAX vs LiteRT, "
                      "end to end and per layer")
@@ -141,19 +236,20 @@ def main(argv=None) -> int:
   c.add_argument("--csv", help="write the per-layer table as CSV here")
   c.add_argument("--model-explorer", help="write Model Explorer node data "
                  "(per-layer SQNR) here")
-  c.add_argument("--calib-batches", type=int, default=32,
+  c.add_argument("--calib-batches", type=_positive, default=32,
                  help="batches to calibrate on (as `qlite export`)")
   c.add_argument("--stats", help="load QuantStats (.npz) instead of "
                  "calibrating")
-  c.add_argument("--batches", type=int, default=None,
+  c.add_argument("--batches", type=_positive, default=None,
                  help="compare on the first N batches only (default: all)")
   c.add_argument("--metric", default="litert_vs_float",
                  choices=["fakequant_vs_float", "litert_vs_float",
                           "litert_vs_fakequant", "own_vs_float"],
                  help="SQNR that marks the worst layers")
-  c.add_argument("--worst", type=int, default=None,
+  c.add_argument("--worst", type=_non_negative, default=None,
                  help="how many worst layers to mark")
-  c.add_argument("--no-progress", action="store_true")
+  c.add_argument("--no-progress", action="store_true",
+                 help="no progress bars (calibration and compare)")
   c.set_defaults(func=_cmd_compare)
   i = sub.add_parser("inspect", help="ops, dtypes, quantization of a .tflite")
   i.add_argument("model")
@@ -165,10 +261,15 @@ def main(argv=None) -> int:
   z.set_defaults(func=_cmd_zoo)
   args = p.parse_args(argv)
   try:
-    args.func(args)
+    with SigintWatch() as args.interrupts:
+      args.func(args)
   except QliteError as err:
     print(f"qlite: error: {err}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    # Every qlite output is written atomically: nothing partial is left.
+    print("qlite: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -10,8 +10,10 @@ Boundaries are matched to LiteRT tensors by :mod:`qlite.analysis.matching`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import jax
@@ -27,6 +29,7 @@ from qlite.litert import inspect as inspect_lib
 from qlite.litert.providers import ConversionProvider
 from qlite.litert.runtime import TFLiteRunner
 from qlite.metrics import cosine, cosine_from_sums, sqnr_db, sqnr_db_from_power
+from qlite.quant.batches import describe_bad_batch
 from qlite.quant.provider import quantize_model
 from qlite.quant.scales import as_quant_stats, boundary_scale
 from qlite.trace import graph as graph_lib
@@ -34,7 +37,7 @@ from qlite.trace import graph as graph_lib
 if TYPE_CHECKING:
   from qlite.quant import plan as plan_lib
 
-__all__ = ["compare"]
+__all__ = ["compare", "check_tflite_fits", "check_io_fits"]
 
 _SIDES = ("float", "fakequant", "litert")
 
@@ -79,8 +82,11 @@ def compare(model, rules, stats, tflite, batches: Iterable[Any],
     one per activation boundary.
 
   Raises:
-    QliteError: no batches, batch shapes the .tflite cannot take, a Linen
-      model without ``variables``.
+    QliteError: no batches, a dict batch or a flag (bool) in a batch,
+      batch shapes the .tflite cannot take, a Linen model without
+      ``variables``, or a ``.tflite`` exported from another model (its
+      outputs, activations or weights do not fit the model: the message
+      names the file and what differs).
     CalibrationError: ``stats`` lack a boundary of this model and rules.
     TFLiteFormatError: ``tflite`` is not a readable .tflite model.
   """
@@ -103,16 +109,24 @@ def compare(model, rules, stats, tflite, batches: Iterable[Any],
              disable=not progress, leave=False)
   run = None
   num_samples = num_batches = 0
-  for num_batches, batch in enumerate(batches, start=1):
-    flat = jax.tree.leaves(_as_args(batch))
-    for chunk in _chunks(flat, in_shapes, num_batches - 1):
-      if run is None:
-        run = _prepare(qm, provider, chunk, flat_params, info, stats,
-                       keep_values)
-      _run_chunk(run, chunk, runner)
-      num_samples += 1
-    bar.update(1)
-  bar.close()
+  try:
+    for num_batches, batch in enumerate(batches, start=1):
+      problem = describe_bad_batch(batch,
+                                   what=f"compare: batch {num_batches - 1}")
+      if problem is not None:
+        raise QliteError(problem)
+      flat = jax.tree.leaves(_as_args(batch))
+      for chunk in _chunks(flat, in_shapes, num_batches - 1, tflite_name):
+        if run is None:
+          run = _prepare(qm, provider, chunk, flat_params, info, stats,
+                         keep_values)
+          check_tflite_fits(info, run.graph, run.plan, run.matched,
+                            tflite_name, qm.mf.description, run.scales)
+        _run_chunk(run, chunk, runner)
+        num_samples += 1
+      bar.update(1)
+  finally:
+    bar.close()
   if run is None:
     raise QliteError("compare: `batches` is empty; pass at least one batch "
                      "of inputs")
@@ -234,6 +248,143 @@ def _prepare(qm, provider, chunk, flat_params, info, stats,
       flat_params=flat_params, outputs=outputs, keep_values=keep_values)
 
 
+def check_io_fits(tflite, model, variables, batch) -> None:
+  """Raises unless ``model`` (``variables``: a Linen model's), run on the
+  ``.tflite``'s input shapes with ``batch``'s dtypes, gives outputs of the
+  ``.tflite``'s output shapes. A cheap check (one abstract trace, no
+  calibration) that ``qlite compare`` runs before calibrating;
+  :func:`compare` checks this and more (:func:`check_tflite_fits`).
+
+  Raises:
+    QliteError: the message names the ``.tflite`` and what differs.
+    TFLiteFormatError: ``tflite`` is not a readable .tflite model.
+  """
+  from qlite.trace import flax_hooks
+  blob, name = _read_blob(tflite)
+  info = inspect_lib.inspect_tflite(blob)
+  mf = flax_hooks.model_function(model, variables)
+  problem = describe_bad_batch(batch, what="compare: batch 0")
+  if problem is not None:
+    raise QliteError(problem)
+  flat = jax.tree.leaves(_as_args(batch))
+  in_shapes = [tuple(int(d) for d in info.tensors[t].shape)
+               for t in info.inputs]
+  lite_out = [tuple(int(d) for d in info.tensors[t].shape)
+              for t in info.outputs]
+  head = f"compare: {name} does not fit {mf.description}"
+  tail = (". Was it exported from another model (or another version of "
+          "it)? Pass the .tflite exported from this model.")
+  if len(flat) != len(in_shapes):
+    raise QliteError(f"{head}: it takes {len(in_shapes)} input(s) "
+                     f"{in_shapes}, the batches give {len(flat)} array(s)"
+                     f"{tail}")
+  dtypes = [np.asarray(x).dtype for x in flat]
+
+  def out_shapes(shapes):
+    avals = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
+    return jax.eval_shape(mf.fn, mf.params, *avals)
+  try:
+    outs = out_shapes(in_shapes)
+  except QliteError:
+    raise
+  except Exception as e:
+    try:                # refuse only if the model runs on its own batch
+      out_shapes([tuple(np.shape(x)) for x in flat])
+    except Exception:
+      return            # an abstract trace cannot tell: compare will
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise QliteError(f"{head}: the model fails on the .tflite's input "
+                     f"shapes {in_shapes} ({type(e).__name__}: {first})"
+                     f"{tail}") from None
+  shapes = [tuple(int(d) for d in np.shape(o)) for o in jax.tree.leaves(outs)]
+  if shapes != lite_out:
+    raise QliteError(f"{head}: its outputs {lite_out} are not the model's "
+                     f"{shapes} (on the .tflite's input shapes {in_shapes})"
+                     f"{tail}")
+
+
+# Refuse a .tflite of another model: compare would pair its tensors with
+# the model's boundaries by name and shape and report figures of nothing.
+MIN_MATCHED_FRACTION = 0.5
+
+
+def _shape(graph, var) -> tuple[int, ...]:
+  if isinstance(var, graph_lib.Lit):
+    return tuple(np.shape(var.value))
+  return tuple(int(d) for d in graph.avals[var].shape)
+
+
+def check_tflite_fits(info, graph, plan, matched, tflite_name: str,
+                      model_name: str = "the model", scales=None) -> None:
+  """Raises when the ``.tflite`` (``info``) was not exported from the model
+  traced as ``graph`` / ``plan``; warns when it fits but carries other
+  scales.
+
+  Refused: other model outputs (count or shapes); fewer than half of the
+  plan's activation boundaries (model inputs aside) find a LiteRT tensor
+  (``matched``, from :func:`qlite.analysis.matching.match_tensors`); fewer
+  than half of the quantized weights find a constant of their size.
+  Warned (when ``scales``, ``{boundary var: (scale, zero point)}``, are
+  given): no matched boundary (model inputs aside) has the scale the stats
+  give (exported with other stats, or from other weights).
+
+  Raises:
+    QliteError: names ``tflite_name`` and every difference found.
+  """
+  problems = []
+  out_shapes = [_shape(graph, v) for v in graph.out_vars]
+  lite_out = [tuple(int(d) for d in info.tensors[t].shape)
+              for t in info.outputs]
+  if len(lite_out) != len(out_shapes):
+    problems.append(f"it has {len(lite_out)} output(s) {lite_out}, the "
+                    f"model {len(out_shapes)} {out_shapes}")
+  else:
+    diff = [f"output {i}: .tflite {a} vs model {b}"
+            for i, (a, b) in enumerate(zip(lite_out, out_shapes)) if a != b]
+    if diff:
+      problems.append("its output shapes differ (" + "; ".join(diff) + ")")
+  inputs = set(graph.arg_vars)
+  acts = [v for v in plan.boundaries if v not in inputs]
+  found = [v for v in acts if matched[v][0] is not None]
+  if acts and len(found) < MIN_MATCHED_FRACTION * len(acts):
+    missing = [plan.boundaries[v].key for v in acts
+               if matched[v][0] is None]
+    shown = ", ".join(f"`{k}`" for k in missing[:5])
+    more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+    problems.append(f"only {len(found)} of the model's {len(acts)} "
+                    f"quantized activations have a tensor of their shape in "
+                    f"it (none for {shown}{more})")
+  if plan.weights:
+    sizes = collections.Counter(
+        int(np.prod(t.shape, dtype=np.int64)) for t in info.tensors
+        if t.is_constant)
+    wanted = []
+    for (node, operand) in plan.weights:
+      var = graph.nodes[node].inputs[operand]
+      wanted.append(int(np.prod(_shape(graph, var), dtype=np.int64)))
+    hits = sum(1 for n in wanted if sizes.get(n, 0) > 0)
+    if hits < MIN_MATCHED_FRACTION * len(wanted):
+      problems.append(f"only {hits} of the model's {len(wanted)} quantized "
+                      f"weights have a constant of their size in it")
+  if problems:
+    raise QliteError(
+        f"compare: {tflite_name} does not fit {model_name}: "
+        + "; ".join(problems) + ". Was it exported from another model (or "
+        "another version of it)? Pass the .tflite exported from this model "
+        "with these rules.")
+  if scales is None or not found:
+    return
+  other = [v for v in found if not matching.same_scale(
+      matched[v][0], float(scales[v][0][0]), int(scales[v][1][0]))]
+  if len(other) == len(found):
+    warnings.warn(
+        f"qlite compare: {tflite_name} fits {model_name}, but none of its "
+        f"{len(found)} matched activations has the scale the stats give "
+        f"(e.g. `{plan.boundaries[other[0]].key}`): it was exported with "
+        f"other stats or from other weights; the fake-quant figures describe "
+        f"another quantization than the .tflite's", UserWarning,
+        stacklevel=3)
+
 def _run_chunk(run: _Run, chunk, runner):
   n_out = len(run.graph.out_vars)
   f_all = [np.asarray(x) for x in run.float_fn(run.flat_params, chunk)]
@@ -331,11 +482,14 @@ def _read_blob(tflite) -> tuple[bytes, str]:
                           f"{type(tflite).__name__}")
 
 
-def _chunks(flat: list, shapes: list[tuple], batch_no: int) -> list[list]:
+def _chunks(flat: list, shapes: list[tuple], batch_no: int,
+            tflite_name: str = "the .tflite") -> list[list]:
   """Splits a batch's flat args into row chunks of the .tflite input shapes."""
   if len(flat) != len(shapes):
     raise QliteError(f"compare: batch {batch_no} has {len(flat)} arrays, the "
-                     f".tflite model takes {len(shapes)} inputs")
+                     f".tflite model takes {len(shapes)} inputs (if the "
+                     f"batches fit the model, {tflite_name} was exported "
+                     f"from another model)")
   got = [tuple(np.shape(x)) for x in flat]
   if got == [tuple(s) for s in shapes]:
     return [list(flat)]
@@ -348,7 +502,9 @@ def _chunks(flat: list, shapes: list[tuple], batch_no: int) -> list[list]:
       raise QliteError(
           f"compare: batch {batch_no}, input {i} has shape {g}; the .tflite "
           f"takes {tuple(s)} (fixed at export): pass batches whose rows are "
-          f"a multiple of {s[0] if s else 1} with the same trailing shape")
+          f"a multiple of {s[0] if s else 1} with the same trailing shape "
+          f"(if the batches fit the model, {tflite_name} was exported from "
+          f"another model)")
     n = k
   return [[np.asarray(x)[j * s[0]:(j + 1) * s[0]] for x, s in zip(flat, shapes)]
           for j in range(n)]

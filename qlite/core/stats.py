@@ -9,11 +9,14 @@ arbitrary strings, so they live only in the JSON, never in member names.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
-import tempfile
-from typing import Sequence, Any, Iterator, Mapping
+import secrets
+import stat
+from typing import Any, Callable, IO, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -40,6 +43,143 @@ def _check_json(meta: Mapping[str, Any]) -> dict[str, Any]:
   except (TypeError, ValueError) as e:
     raise QliteError(f"QuantStats meta must be JSON-serialisable: {e}") from e
   return json.loads(text)
+
+
+# --------------------------------------------------------------------------
+# Files. The one atomic writer of qlite's output files (QuantStats .npz here,
+# .tflite through qlite.litert.convert.write_atomic): it lives at this layer
+# so that both can use it.
+
+def check_path(path, what: str) -> str:
+  """Returns ``path`` (``str`` or ``os.PathLike``) as a ``str``.
+
+  Raises:
+    QliteError: ``path`` is bytes (or a PathLike giving bytes), another
+      type, empty, or holds a NUL character.
+  """
+  if isinstance(path, (bytes, bytearray, memoryview)):
+    raise QliteError(
+        f"{what}: the path must be a str or os.PathLike, got bytes "
+        f"{bytes(path)!r}; pass a str (e.g. os.fsdecode(path)) or a "
+        f"pathlib.Path")
+  if not isinstance(path, (str, os.PathLike)):
+    raise QliteError(f"{what}: the path must be a str or os.PathLike, got "
+                     f"{type(path).__name__} {path!r}")
+  text = os.fspath(path)
+  if isinstance(text, bytes):
+    raise QliteError(
+        f"{what}: the path must be a str or os.PathLike giving a str; "
+        f"{type(path).__name__} gave bytes {text!r}; pass a str "
+        f"(e.g. os.fsdecode(path))")
+  if not text:
+    raise QliteError(f"{what}: the path is empty")
+  if "\0" in text:
+    raise QliteError(f"{what}: the path {text!r} contains a NUL character")
+  return text
+
+
+_REASONS = {
+    errno.ENOENT: "no such file or directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EISDIR: "it is a directory",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.ENAMETOOLONG: "the file name is too long",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def os_error_message(what: str, action: str, path: str, e: OSError) -> str:
+  """``"<what>: cannot <action> '<path>': <reason>"`` for an OSError."""
+  reason = _REASONS.get(e.errno, e.strerror or type(e).__name__)
+  if e.errno in (errno.EACCES, errno.EPERM):
+    reason += (f" (is {os.path.dirname(os.path.abspath(path))!r} "
+               f"writable?)" if action == "write" else "")
+  return f"{what}: cannot {action} {path!r}: {reason}"
+
+
+def _fsync_directory(directory: str) -> None:
+  """Makes a rename in ``directory`` durable (best effort: not every OS or
+  file system can open / fsync a directory)."""
+  flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+  try:
+    fd = os.open(directory, flags)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_atomic(path, write: Callable[[IO[bytes]], Any], *,
+                 what: str = "qlite") -> str:
+  """Writes a file atomically: ``write(f)`` fills a new temporary file in
+  the directory of ``path`` (``f`` a binary file object), which is flushed,
+  fsynced and renamed over ``path``. Returns ``path`` as a ``str``.
+
+  The new file's mode follows the umask (0644 under umask 022), like
+  ``open(path, "wb")``; an existing file keeps its mode. On any error, or a
+  KeyboardInterrupt, the temporary file is removed and ``path`` is left as
+  it was.
+
+  Raises:
+    QliteError: a bad path (see :func:`check_path`), a missing directory,
+      ``path`` is a directory, or any OSError while writing (permission
+      denied, disk full...): the message starts with ``what`` and names
+      the path.
+  """
+  path = check_path(path, what)
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    if os.path.exists(directory):
+      raise QliteError(f"{what}: cannot write {path!r}: {directory!r} is "
+                       f"not a directory")
+    raise QliteError(f"{what}: cannot write {path!r}: directory "
+                     f"{directory!r} does not exist; create it first")
+  if os.path.isdir(path):
+    raise QliteError(f"{what}: cannot write {path!r}: it is a directory; "
+                     f"give a file name")
+  try:
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+  except FileNotFoundError:
+    mode = None                  # a new file: the umask decides
+  except OSError as e:
+    raise QliteError(os_error_message(what, "write", path, e)) from None
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) \
+      | getattr(os, "O_BINARY", 0)
+  while True:
+    tmp = os.path.join(directory, f".qlite-{secrets.token_hex(6)}.tmp")
+    try:
+      fd = os.open(tmp, flags, 0o666)   # 0o666 & ~umask, as open() does
+      break
+    except FileExistsError:
+      continue
+    except OSError as e:
+      raise QliteError(os_error_message(what, "write", path, e)) from None
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      if mode is not None:
+        if hasattr(os, "fchmod"):
+          os.fchmod(f.fileno(), mode)
+        else:
+          os.chmod(tmp, mode)
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise QliteError(os_error_message(what, "write", path, e)) from None
+    raise
+  _fsync_directory(directory)
+  return path
 
 
 @jax.tree_util.register_pytree_node_class
@@ -192,29 +332,28 @@ class QuantStats:
     """Writes the stats to ``path`` (one ``.npz``, written atomically).
 
     The format is described in this module's docstring; :meth:`load` reads
-    it back equal (``QuantStats.load(path) == stats``).
+    it back equal (``QuantStats.load(path) == stats``). The file honours the
+    umask (0644 under umask 022); overwriting keeps the existing file's
+    mode. It is written to a temporary file in the same directory, fsynced,
+    then renamed over ``path``: an error or Ctrl-C leaves no partial file.
 
     Args:
-      path: the file to write (exactly this name: no ``.npz`` is appended);
-        its directory must exist.
+      path: the file to write, a ``str`` or ``os.PathLike`` (exactly this
+        name: no ``.npz`` is appended); its directory must exist.
 
     Returns:
       None.
 
     Raises:
-      QliteError: the directory of ``path`` does not exist, or writing failed.
+      QliteError: ``path`` is not a ``str`` / ``os.PathLike`` (e.g. bytes),
+        its directory does not exist, it is a directory, or writing failed
+        (permission denied, disk full...); the message names the path.
 
     Example:
       >>> stats.save("stats.npz")        # stats: the class example's
       >>> qlite.QuantStats.load("stats.npz") == stats
       True
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-      raise QliteError(
-          f"Cannot save QuantStats to {path!r}: directory {directory!r} does "
-          "not exist. Create it first.")
     names = list(self.records)
     index = {
         "format": FORMAT,
@@ -229,18 +368,8 @@ class QuantStats:
         arrays[f"r{i}.{j}"] = np.asarray(self.records[n][s])
     for i, a in enumerate(self.samples):
       arrays[f"s{i}"] = a
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".qstats-", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except OSError as e:
-      raise QliteError(f"Cannot save QuantStats to {path!r}: {e}") from e
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
+    write_atomic(path, lambda f: np.savez(f, **arrays),
+                 what="QuantStats.save")
 
   @classmethod
   def from_ranges(cls, ranges: Mapping[str, tuple[float, float]],

@@ -6,12 +6,15 @@ import contextlib
 import ctypes
 import functools
 import os
+import signal
 import tempfile
+import threading
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
+from qlite.core import stats as stats_lib
 from qlite.errors import ConversionError, QliteError
 
 IO_DTYPES = ("float32", "int8")
@@ -55,10 +58,87 @@ def stablehlo_text(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]) -> str:
                           f"{type(e).__name__}: {e}") from e
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+  """Holds Ctrl-C (SIGINT) while native converter / LiteRT code runs and
+  delivers it when the block ends (a KeyboardInterrupt, with Python's
+  default handler).
+
+  The native code never sees a KeyboardInterrupt half-way: a SIGINT while
+  the converter's extension initialises made its import fail for the rest
+  of the process ("Encountered an error while initializing the
+  extension"), and one raised in a callback from native code can leave
+  that code's state broken. The converter does not poll for signals, so
+  holding SIGINT delays nothing: it is raised when the call returns, with
+  the converter's MLIR objects already released. A no-op outside the main
+  thread or where Python does not own SIGINT's handler.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = signal.getsignal(signal.SIGINT)
+  if old is None:                 # installed outside Python: leave it
+    yield
+    return
+  pending = []
+  signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, old)
+    if pending:
+      if callable(old):
+        old(signal.SIGINT, pending[0])   # default: raises KeyboardInterrupt
+      elif old == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+class SigintWatch:
+  """Counts Ctrl-C (SIGINT) over a block and raises KeyboardInterrupt for
+  each, as Python's default handler does; :meth:`check` raises
+  KeyboardInterrupt when one came, even if the exception was swallowed
+  (jax prints and ignores an exception raised in its gc callback: the
+  interrupted export then ran on and wrote its file).
+
+  Use: ``with SigintWatch() as watch: blob = export(...); watch.check();
+  write_atomic(path, blob)``. Installs itself only in the main thread over
+  Python's default handler (else it watches nothing and check() passes).
+  """
+
+  def __init__(self):
+    self.count = 0
+    self._old = None
+
+  def __call__(self, signum, frame):
+    self.count += 1
+    raise KeyboardInterrupt
+
+  def check(self) -> None:
+    """Raises KeyboardInterrupt if a SIGINT came since the block began."""
+    if self.count:
+      raise KeyboardInterrupt
+
+  def __enter__(self) -> "SigintWatch":
+    if threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      self._old = signal.signal(signal.SIGINT, self)
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
+      self._old = None
+    return False
+
+
 def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
                       output_names: Sequence[str], *, quantized: bool,
                       weights: Sequence[np.ndarray] = ()) -> bytes:
   """Converts a StableHLO module to ``.tflite`` flatbuffer bytes.
+
+  Ctrl-C during the conversion is held until the converter returns and
+  has released its objects (:func:`sigint_deferred`), then raised as a
+  KeyboardInterrupt.
 
   ``module``: a portable artifact (bytes, :func:`stablehlo_bytecode`) or
   module text (str, :func:`stablehlo_text`), or a one-item list holding
@@ -70,6 +150,15 @@ def convert_stablehlo(module: bytes | str | list, input_names: Sequence[str],
   Raises:
     ConversionError: the converter rejected the module.
   """
+  with sigint_deferred():
+    # The call's frame (its MLIR context and module) is gone before a held
+    # KeyboardInterrupt is raised.
+    return _convert_stablehlo(module, input_names, output_names,
+                              quantized=quantized, weights=weights)
+
+
+def _convert_stablehlo(module, input_names, output_names, *, quantized,
+                       weights) -> bytes:
   from litert_converter import _stablehlo
   from litert_converter import converter_api_ext as capi
   from litert_converter.mlir import ir, passmanager
@@ -263,6 +352,11 @@ def set_int8_io(blob: bytes) -> bytes:
   Raises:
     ConversionError: the model has no quantized interface to rewrite.
   """
+  with sigint_deferred():
+    return _set_int8_io(blob)
+
+
+def _set_int8_io(blob: bytes) -> bytes:
   from ai_edge_litert import _pywrap_modify_model_interface as mmi
   int8 = 9   # TensorType.INT8
   with tempfile.TemporaryDirectory() as d:
@@ -292,31 +386,18 @@ def _fix_signatures(blob: bytes) -> bytes:
   return bytes(fbu.convert_object_to_bytearray(model))
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> str:
-  """Writes ``data`` to ``path`` atomically; returns the path.
+def write_atomic(path: str | os.PathLike, data: bytes, *,
+                 what: str = "export_tflite") -> str:
+  """Writes ``data`` to ``path`` atomically; returns the path (a ``str``).
+
+  A temporary file in the same directory is written, fsynced and renamed
+  over ``path``; its mode follows the umask (0644 under umask 022) and an
+  existing file keeps its mode (:func:`qlite.core.stats.write_atomic`).
 
   Raises:
-    QliteError: the directory is missing or not writable (nothing is left
-      behind).
+    QliteError: ``path`` is not a ``str`` / ``os.PathLike`` (e.g. bytes),
+      the directory is missing, ``path`` is a directory, or writing failed
+      (permission denied, disk full...); nothing is left behind.
   """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise QliteError(f"cannot write {path!r}: directory {directory!r} does "
-                     f"not exist; create it first")
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=".qlite-", suffix=".tmp", dir=directory)
-  except OSError as e:
-    raise QliteError(f"cannot write {path!r}: {e.strerror} ({directory!r} "
-                     f"not writable?)") from None
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      raise QliteError(f"cannot write {path!r}: {e}") from None
-    raise
-  return path
+  return stats_lib.write_atomic(path, lambda f: f.write(data),
+                                what=what)

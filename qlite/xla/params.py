@@ -5,7 +5,8 @@ save / restore of the result."""
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import stat
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import ml_dtypes
 import numpy as np
 
 from qlite.core import numerics
+from qlite.core import stats as stats_lib
 from qlite.core.qarray import QArray, is_qarray, quantize
 from qlite.core.qtypes import get_qtype
 from qlite.errors import QliteError
@@ -204,36 +206,97 @@ def _storable_abstract(a):
   return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
 
 
-def save_qparams(path: str | os.PathLike, qparams) -> None:
-  """Saves quantized params with orbax (``path`` must not exist).
+def _checkpointer():
+  import orbax.checkpoint as ocp
+  # Directories are created synchronously: created in the background, a
+  # failed mkdir left orbax's signalling threads waiting ~5 minutes.
+  return ocp.StandardCheckpointer(async_options=ocp.options.AsyncOptions(
+      create_directories_asynchronously=False))
+
+
+def save_qparams(path: str | os.PathLike, qparams, *,
+                 overwrite: bool = False) -> None:
+  """Saves quantized params with orbax into the new directory ``path``.
 
   int4 values are stored as int8 (tensorstore has no int4);
-  :func:`restore_qparams` casts them back.
+  :func:`restore_qparams` casts them back. ``overwrite=True`` replaces an
+  existing checkpoint directory: the new one is written beside it first
+  and swapped in (keeping the old directory's mode), so a failure leaves
+  the old one. Files and directories follow the umask.
 
   Args:
-    path: a directory that does not exist yet.
+    path: a directory that does not exist yet (``str`` or
+      ``os.PathLike``), or an existing checkpoint with ``overwrite=True``.
     qparams: params with ``QArray`` leaves (:func:`quantize_params`).
+    overwrite: replace an existing checkpoint at ``path``.
 
   Returns:
     None.
 
   Raises:
-    ValueError: ``path`` already exists (raised by orbax).
+    QliteError: ``path`` is not a ``str`` / ``os.PathLike`` (e.g. bytes),
+      exists (without ``overwrite``) or is a file, its parent directory is
+      missing or not writable, or orbax failed; the message names the path.
 
   Example:
     >>> xla.save_qparams("/tmp/qckpt", qparams)   # qparams: quantize_params'
   """
-  import orbax.checkpoint as ocp
+  import shutil
+  what = "save_qparams"
+  path = os.path.abspath(stats_lib.check_path(path, what))
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise QliteError(f"{what}: cannot write {path!r}: directory {parent!r} "
+                     f"does not exist; create it first")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise QliteError(f"{what}: cannot write {path!r}: permission denied "
+                     f"(is {parent!r} writable?)")
+  exists = os.path.lexists(path)
+  if exists and not os.path.isdir(path):
+    raise QliteError(f"{what}: cannot write {path!r}: it exists and is not "
+                     f"a directory (a checkpoint is a directory)")
+  if exists and not overwrite:
+    raise QliteError(f"{what}: cannot write {path!r}: it already exists; "
+                     f"pass overwrite=True or choose a new path")
   tree = jax.tree.map(_to_storable, qparams, is_leaf=is_qarray)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), tree)
+  target = path
+  if exists:
+    target = os.path.join(parent, f".{os.path.basename(path)}.qlite-new-"
+                          f"{os.getpid()}")
+    shutil.rmtree(target, ignore_errors=True)
+  try:
+    with _checkpointer() as ckptr:
+      ckptr.save(target, tree)
+    if exists:
+      os.chmod(target, stat.S_IMODE(os.stat(path).st_mode))
+      old = os.path.join(parent, f".{os.path.basename(path)}.qlite-old-"
+                         f"{os.getpid()}")
+      os.replace(path, old)
+      try:
+        os.replace(target, path)
+      except BaseException:
+        os.replace(old, path)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+  except QliteError:
+    raise
+  except BaseException as e:
+    if exists:
+      shutil.rmtree(target, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise QliteError(stats_lib.os_error_message(what, "write", path, e)
+                       ) from e
+    if isinstance(e, Exception):
+      raise QliteError(f"{what}: cannot write {path!r}: orbax failed: "
+                       f"{type(e).__name__}: {e}") from e
+    raise
 
 
 def restore_qparams(path: str | os.PathLike, abstract_qparams):
   """Returns the quantized params saved at ``path`` by :func:`save_qparams`.
 
   Args:
-    path: the checkpoint directory.
+    path: the checkpoint directory (``str`` or ``os.PathLike``).
     abstract_qparams: from :func:`abstract_quantized_params` (same model and
       rules as the saved params): gives the structure, qtypes and layouts.
 
@@ -241,18 +304,37 @@ def restore_qparams(path: str | os.PathLike, abstract_qparams):
     The params tree with ``QArray`` leaves, as saved.
 
   Raises:
-    FileNotFoundError: no checkpoint at ``path`` (raised by orbax).
+    QliteError: ``path`` is not a ``str`` / ``os.PathLike``, does not exist,
+      is not an orbax checkpoint directory, or holds params of another
+      structure / shapes than ``abstract_qparams``; the message names the
+      path.
 
   Example:
     >>> qparams = xla.restore_qparams("/tmp/qckpt", abstract)
     >>> qm.apply(qparams, x).shape   # as in quantize_params' example
     (1, 4)
   """
-  import orbax.checkpoint as ocp
+  what = "restore_qparams"
+  path = os.path.abspath(stats_lib.check_path(path, what))
+  if not os.path.exists(path):
+    raise QliteError(f"{what}: no checkpoint at {path!r}: it does not "
+                     f"exist")
+  if not os.path.isdir(path):
+    raise QliteError(f"{what}: {path!r} is not a checkpoint: a checkpoint "
+                     f"written by save_qparams is a directory")
   target = jax.tree.map(_storable_abstract, abstract_qparams,
                         is_leaf=is_qarray)
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.abspath(path), target)
+  try:
+    with _checkpointer() as ckptr:
+      tree = ckptr.restore(path, target)
+  except Exception as e:
+    if isinstance(e, OSError) and e.errno is not None:
+      raise QliteError(stats_lib.os_error_message(what, "read", path, e)
+                       ) from e
+    raise QliteError(f"{what}: cannot restore {path!r}: not a checkpoint "
+                     f"written by save_qparams, or one of params of another "
+                     f"structure / shapes than abstract_qparams "
+                     f"({type(e).__name__}: {e})") from e
 
   def back(a, x):
     if is_qarray(a) and np.dtype(a.qvalue.dtype) == _INT4:
