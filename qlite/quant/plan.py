@@ -132,7 +132,9 @@ def _param_free_constants(graph: Graph, registry: ops.Registry
   env: dict[int, Any] = {k: v for k, v in graph.consts.items()
                          if np.size(v) <= 4096}
   if outs:
-    env.update(zip(outs, (np.asarray(v) for v in jax.jit(run)())))
+    # PRNG keys (jax.random.key in the model) have no numpy form: skipped
+    env.update((o, np.asarray(v)) for o, v in zip(outs, jax.jit(run)())
+               if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key))
   return env
 
 

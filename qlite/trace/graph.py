@@ -21,7 +21,7 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from qlite.errors import QliteError
+from qlite.errors import QliteError, UnsupportedOpError
 from qlite.trace import intercept
 from qlite.trace.flax_hooks import ModelFunction
 
@@ -30,9 +30,14 @@ _INLINE_PARAMS = {
     "pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
     "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr", "checkpoint": "jaxpr", "custom_lin": None,
+    "remat": "jaxpr", "checkpoint": "jaxpr", "remat2": "jaxpr",
+    "custom_lin": None,
     "custom_vmap_call": "call",
 }
+
+# Loops (``scan``, ``while`` with a trip count known while tracing) are
+# unrolled; a while loop running more iterations than this is refused.
+_MAX_UNROLL = 4096
 
 _LIB_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in
                   (jax, __import__("flax"), __import__("qlite")))
@@ -184,17 +189,45 @@ def _trace(mf: ModelFunction, flat_params, params_tree, flat_args,
     avals[counter[0]] = aval
     return counter[0]
 
-  def inline(jaxpr, jconsts, in_ids, prefix: str):
-    env: dict = {}
+  # vars whose value is known while tracing (computed from literals and
+  # jaxpr constants only): what a while loop's trip count may depend on
+  made_by: dict[int, Node] = {}
+  literal_only: set[int] = set()
+  concrete_values: dict[int, Any] = {}
+
+  def const_ids(jaxpr, jconsts) -> list[int]:
+    ids = []
     for v, c in zip(jaxpr.constvars, jconsts):
       i = new_var(v.aval)
       consts[i] = c
+      ids.append(i)
+    return ids
+
+  def inline(jaxpr, jconsts, in_ids, prefix: str, suffix: str = "",
+             source: str | None = None, cids: list | None = None):
+    """Appends ``jaxpr``'s equations to ``nodes``; returns its outputs.
+    ``suffix``: the loop iterations (``[i]``, nested ``[i][j]``) appended
+    to the module path of every node; ``source``: the source line of every
+    node (helper equations qlite emits); ``cids``: const ids already made."""
+    env: dict = {}
+    for v, i in zip(jaxpr.constvars, cids if cids is not None
+                    else const_ids(jaxpr, jconsts)):
       env[v] = i
     for v, i in zip(jaxpr.invars, in_ids):
       env[v] = i
 
     def read(a):
       return Lit(a.val) if isinstance(a, jcore.Literal) else env[a]
+
+    read_here: list = []     # the vars this jaxpr reads (made for a scan)
+
+    def is_read(v) -> bool:
+      if not read_here:
+        read_here.append({a for e in jaxpr.eqns for a in e.invars
+                          if not isinstance(a, jcore.Literal)} |
+                         {a for a in jaxpr.outvars
+                          if not isinstance(a, jcore.Literal)})
+      return v in read_here[0]
 
     for eqn in jaxpr.eqns:
       ins = [read(a) for a in eqn.invars]
@@ -209,17 +242,148 @@ def _trace(mf: ModelFunction, flat_params, params_tree, flat_args,
           inner, inner_consts = body, []
         n_extra = len(ins) - len(inner.invars)
         outs = inline(inner, inner_consts, ins[n_extra:] if n_extra > 0
-                      else ins, full)
-        for v, o in zip(eqn.outvars, outs):
-          env[v] = o
-        continue
-      outs = [new_var(v.aval) for v in eqn.outvars]
+                      else ins, full, suffix, source)
+      elif name == "scan":
+        outs = unroll_scan(eqn, ins, full, suffix,
+                           [is_read(v) for v in eqn.outvars])
+      elif name == "while":
+        outs = unroll_while(eqn, ins, full, suffix)
+      else:
+        outs = [new_var(v.aval) for v in eqn.outvars]
+        node = Node(len(nodes), eqn.primitive, dict(eqn.params), ins, outs,
+                    _module_path(full, mf.root_name) + suffix,
+                    source or _user_source(eqn.source_info))
+        nodes.append(node)
+        for o in outs:
+          made_by[o] = node
+        if all(isinstance(a, Lit) or a in consts or a in literal_only
+               for a in ins):
+          literal_only.update(outs)
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
-      nodes.append(Node(len(nodes), eqn.primitive, dict(eqn.params), ins,
-                        outs, _module_path(full, mf.root_name),
-                        _user_source(eqn.source_info)))
     return [read(v) for v in jaxpr.outvars]
+
+  helpers: dict = {}
+
+  def emit(kind, fn, args, path: str, suffix: str, source: str):
+    """Inlines the equations of ``fn(*args)`` (slicing / stacking that an
+    unrolled loop needs) at ``path``."""
+    specs = tuple(_spec(avals[a]) if not isinstance(a, Lit) else
+                  _spec(jax.typeof(a.value)) for a in args)
+    key = (kind, tuple((s.shape, str(s.dtype)) for s in specs))
+    if key not in helpers:
+      helpers[key] = jax.make_jaxpr(fn)(*specs)
+    closed = helpers[key]
+    return inline(closed.jaxpr, closed.consts, list(args), path, suffix,
+                  source)
+
+  def where(eqn, full, suffix) -> str:
+    path = _module_path(full, mf.root_name) + suffix
+    return (f"op `{eqn.primitive.name}` in module `{path or '<root module>'}`"
+            f" ({_user_source(eqn.source_info)})")
+
+  def unroll_scan(eqn, ins, full, suffix, live):
+    """A scan becomes ``length`` copies of its body, carries threaded
+    through; iteration ``i`` reads ``xs[i]`` and the stacked outputs are
+    built once, after the last iteration, from the per-iteration values
+    (``live``: which of the scan's outputs are read at all)."""
+    p = eqn.params
+    body, length = p["jaxpr"], int(p["length"])
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    if length > _MAX_UNROLL:
+      raise UnsupportedOpError(
+          f"{where(eqn, full, suffix)}: the loop runs {length} iterations, "
+          f"more than the {_MAX_UNROLL} a LiteRT export unrolls")
+    loop_consts = ins[:n_consts]
+    carry = ins[n_consts:n_consts + n_carry]
+    xs = ins[n_consts + n_carry:]
+    src = _user_source(eqn.source_info)
+    cids = const_ids(body.jaxpr, body.consts)
+    ys_avals = [v.aval for v in body.jaxpr.outvars[n_carry:]]
+    ys: list[list] = [[None] * length for _ in ys_avals]
+    order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+    for i in order:
+      it = f"{suffix}[{i}]"
+      x_i = [emit(("index", i), lambda x, i=i: jax.lax.index_in_dim(
+          x, i, 0, keepdims=False), [x], full, it, src)[0] for x in xs]
+      outs = inline(body.jaxpr, None, loop_consts + carry + x_i, full, it,
+                    None, cids)
+      carry = outs[:n_carry]
+      for k, y in enumerate(outs[n_carry:]):
+        ys[k][i] = y
+    stacked = []
+    for k, aval in enumerate(ys_avals):
+      if not live[n_carry + k]:
+        stacked.append(None)        # never read: not built
+        continue
+      if length == 0:
+        stacked += emit(("empty", aval), lambda aval=aval: jax.numpy.zeros(
+            (0,) + tuple(aval.shape), aval.dtype), [], full, suffix, src)
+        continue
+      stacked += emit("stack", lambda *v: jax.lax.concatenate(
+          [jax.lax.expand_dims(a, (0,)) for a in v], 0), ys[k], full,
+          suffix, src)
+    return carry + stacked
+
+  def concrete(a):
+    """The value of ``a`` if it is known while tracing, else None."""
+    if isinstance(a, Lit):
+      return a.value
+    if a in consts:
+      return consts[a]
+    if a not in literal_only:
+      return None
+    if a not in concrete_values:
+      node = made_by[a]
+      for o, v in zip(node.outputs,
+                      bind(node, [concrete(x) for x in node.inputs])):
+        concrete_values[o] = v
+    return concrete_values[a]
+
+  def unroll_while(eqn, ins, full, suffix):
+    """A while loop whose trip count is known while tracing (its condition
+    reads only carries computed from literals, e.g. a counter) becomes that
+    many copies of its body; any other while loop is refused."""
+    p = eqn.params
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, carry = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
+    # the carries the condition depends on, through any number of trips
+    c_used = _live_inputs(cond.jaxpr, [True])
+    rel = [u for u in c_used[nc:]]
+    while True:
+      b_used = _live_inputs(body.jaxpr, rel)
+      new = [r or u for r, u in zip(rel, b_used[nb:])]
+      if new == rel:
+        break
+      rel = new
+    needed = [a for a, u in zip(cconsts, c_used[:nc]) if u] + \
+        [a for a, u in zip(bconsts, b_used[:nb]) if u] + \
+        [a for a, r in zip(carry, rel) if r]
+    if any(concrete(a) is None for a in needed):
+      raise UnsupportedOpError(
+          f"{where(eqn, full, suffix)}: a loop whose trip count depends on "
+          f"the model's inputs or parameters cannot be exported; LiteRT "
+          f"int8 export unrolls "
+          f"loops, so the trip count must be static (jax.lax.fori_loop with "
+          f"Python int bounds, jax.lax.scan, or a while_loop whose "
+          f"condition reads only a counter)")
+    cvals = [concrete(a) if u else None for a, u in zip(cconsts, c_used[:nc])]
+    bvals = [concrete(a) if u else None for a, u in zip(bconsts, b_used[:nb])]
+    state = [concrete(a) if r else None for a, r in zip(carry, rel)]
+    trips = 0
+    while bool(_eval_live(cond, cvals + state, [True])[0]):
+      trips += 1
+      if trips > _MAX_UNROLL:
+        raise UnsupportedOpError(
+            f"{where(eqn, full, suffix)}: the loop runs more than "
+            f"{_MAX_UNROLL} iterations, more than a LiteRT export unrolls")
+      state = _eval_live(body, bvals + state, rel)
+    cids = const_ids(body.jaxpr, body.consts)
+    for t in range(trips):
+      carry = inline(body.jaxpr, None, bconsts + carry, full,
+                     f"{suffix}[{t}]", None, cids)
+    return carry
 
   n_params = len(flat_params)
   in_ids = [new_var(v.aval) for v in closed.jaxpr.invars]
@@ -243,6 +407,54 @@ def _trace(mf: ModelFunction, flat_params, params_tree, flat_args,
 
 def _dtype_of(x):
   return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _spec(aval) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(aval.shape), aval.dtype)
+
+
+def _is_key(x) -> bool:
+  """True for a typed PRNG key array (or its aval): no numpy form."""
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype,
+                                                     jax.dtypes.prng_key)
+
+
+def _live_inputs(jaxpr, live_outs: Sequence[bool]) -> list[bool]:
+  """Which of ``jaxpr``'s inputs (constvars excluded) the outputs marked
+  in ``live_outs`` depend on (an equation reads all of its inputs)."""
+  live = {v for v, l in zip(jaxpr.outvars, live_outs)
+          if l and not isinstance(v, jcore.Literal)}
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in live for v in eqn.outvars):
+      live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+  return [v in live for v in jaxpr.invars]
+
+
+def _eval_live(closed, in_vals: Sequence[Any], live_outs: Sequence[bool]
+               ) -> list:
+  """Evaluates the outputs of closed jaxpr ``closed`` marked in
+  ``live_outs`` (None for the others) from ``in_vals``, where the inputs
+  they do not depend on may be None."""
+  jaxpr = closed.jaxpr
+  env: dict = dict(zip(jaxpr.constvars, closed.consts))
+  env.update(zip(jaxpr.invars, in_vals))
+  live = {v for v, l in zip(jaxpr.outvars, live_outs)
+          if l and not isinstance(v, jcore.Literal)}
+  eqns = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in live for v in eqn.outvars):
+      eqns.append(eqn)
+      live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+
+  def read(a):
+    return a.val if isinstance(a, jcore.Literal) else env[a]
+
+  for eqn in reversed(eqns):
+    out = eqn.primitive.bind(*[read(a) for a in eqn.invars], **eqn.params)
+    env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results
+                   else [out]))
+  return [read(v) if l else None for v, l in zip(jaxpr.outvars, live_outs)]
 
 
 Hook = Callable[[Node, list], "list | None"]
@@ -341,16 +553,27 @@ def _fold_signature(graph: Graph, nodes: list, wanted: list, direct: set,
 
 
 def fold_static(graph: Graph, flat_params: Sequence[Any],
-                needed: set[int] | None = None) -> dict[int, np.ndarray]:
+                needed: set[int] | None = None) -> dict[int, Any]:
   """Evaluates the static (param-only) part of the graph in one jitted call;
-  returns ``{var: numpy value}`` for the static vars that activation ops
-  consume (or for ``needed``). One compile instead of one per primitive
-  (BatchNorm folding chains made op-by-op evaluation the slow part), shared
-  by graphs whose static part is the same (see ``_FOLD_CACHE``)."""
+  returns ``{var: numpy value}`` (a jax array for a PRNG key) for the
+  static vars that activation ops consume (or for ``needed``). One compile
+  instead of one per primitive (BatchNorm folding chains made op-by-op
+  evaluation the slow part), shared by graphs whose static part is the
+  same (see ``_FOLD_CACHE``)."""
   if needed is None:
     needed = {a for n in graph.nodes for a in n.inputs
               if not isinstance(a, Lit) and a in graph.static}
   nodes = [n for n in graph.nodes if all(o in graph.static for o in n.outputs)]
+  # PRNG key arithmetic (jax.random.key in the model, e.g. an RNN's carry
+  # initializer) is folded whole, so evaluate() skips all of it and no key
+  # reaches a converted function (not even an unused one)
+  keyed = {o for n in nodes
+           if any(_is_key(graph.avals[v]) for v in n.outputs) or any(
+               _is_key(graph.avals[a]) for a in n.inputs
+               if not isinstance(a, Lit))
+           for o in n.outputs}
+  if keyed:
+    needed = set(needed) | keyed
   wanted = sorted(v for v in needed if v in graph.static)
   direct = {v for v in wanted if v in graph.consts or v in graph.param_vars}
   const_vars = sorted(graph.consts)
@@ -383,5 +606,8 @@ def fold_static(graph: Graph, flat_params: Sequence[Any],
   env.update(zip(graph.param_vars, flat_params))
   it = iter(computed)
   for v in wanted:
-    out[v] = np.asarray(env[v]) if v in direct else np.asarray(next(it))
+    val = env[v] if v in direct else next(it)
+    # a PRNG key (jax.random.key in the model) has no numpy form: kept as
+    # the jax key array, folded like any other constant
+    out[v] = val if _is_key(val) else np.asarray(val)
   return out
