@@ -152,6 +152,12 @@ class OpHandler:
     softmax): the output takes the value's range, the fill is clamped."""
     return None
 
+  def constant_factor(self, node) -> float | None:
+    """When the op is its one input times a constant (``neg``: -1), that
+    constant: it then runs as a MUL by the quantized constant (for ops with
+    no int8 kernel of their own)."""
+    return None
+
   def reads_constant_values(self) -> bool:
     """True when the handler pattern-matches constant operand values (the
     planner then computes small param-free constants up front)."""

@@ -120,4 +120,14 @@ class Compare(base.OpHandler):
     return [(i, False) for i in _const_operands(node, ctx)]
 
 
-HANDLERS = (Arithmetic(), OtherBinary(), Compare())
+class Negate(base.OpHandler):
+  family = "negate"
+  primitives = frozenset({"neg"})
+  litert_ops = ("MUL",)
+  notes = "NEG has no int8 kernel: runs as MUL by a quantized -1"
+
+  def constant_factor(self, node) -> float | None:
+    return -1.0
+
+
+HANDLERS = (Arithmetic(), OtherBinary(), Compare(), Negate())

@@ -73,6 +73,10 @@ class ConstSpec:
   # The value var whose boundary the constant is clipped to and quantized
   # with (a mask fill: qlite.ops.masking), or None for its own range.
   clamp_to: int | None = None
+  # A constant the op does not have as an operand: it runs as a
+  # multiplication of its input by this (``neg``: -1); ``operand`` is then
+  # one past the op's inputs.
+  value: float | None = None
 
 
 @dataclasses.dataclass
@@ -204,6 +208,13 @@ class _Planner:
 
   def _add_consts(self, node: Node, rule) -> None:
     handler = self.registry[node.name]
+    factor = handler.constant_factor(node)
+    if factor is not None and len(node.inputs) == 1:
+      i = len(node.inputs)
+      self.consts[(node.index, i)] = ConstSpec(
+          node.index, i, rule,
+          self.const_keys.make(node.module_path, node.name) + f":const{i}",
+          value=factor)
     masked = handler.masked_fill(node, self.ctx)
     if masked is not None:
       self.masked[node.outputs[0]] = (node.inputs[masked[1]],
@@ -450,6 +461,11 @@ def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
   multiplication by the quantized reciprocal (LiteRT's int8 DIV is
   unreliable). Returns the node's outputs, or None when nothing was planned.
   """
+  factor = plan.consts.get((node.index, len(node.inputs)))
+  if factor is not None and factor.value is not None:
+    q = const(factor, np.float32(factor.value))
+    if q is not None:
+      return [jax.lax.mul_p.bind(invals[0], q)]
   hit = reciprocal = False
   for i, a in enumerate(node.inputs):
     wspec = plan.weights.get((node.index, i))
