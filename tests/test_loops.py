@@ -153,15 +153,10 @@ def test_gru_over_time_is_full_integer():
   assert sqnr >= 28.5     # measured 31.5 dB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nn.RNN(reverse=True) flips the sequence with jnp.flip: LiteRT keeps "
-    "REVERSE_V2 float unless its output has a boundary (qlite/ops/shape.py "
-    "treats `rev` as pass-through; with `rev` in SameScaleJoin this passes "
-    "at 32.1 dB)"))
 def test_bilstm_classifier_is_full_integer():
   stats, info, sqnr = _convert(*_linen(_BiLSTM()))
   _iteration_keys(stats, T)
-  assert sqnr >= 29.0     # measured 32.1 dB with the `rev` handler change
+  assert sqnr >= 29.0     # measured 32.1 dB (REVERSE_V2 int8: shape.py)
 
 
 # -- layer stacks: nn.scan / nnx.scan over layers

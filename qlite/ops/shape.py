@@ -1,7 +1,7 @@
 """Data movement: ops LiteRT runs on int8 at their input's scale (RESHAPE,
-TRANSPOSE, SLICE, GATHER, BROADCAST_TO, ...: no boundary of their own), and
-CONCATENATION / PAD, whose int8 kernels read every activation input at the
-output's scale (the plan gives them and their inputs one shared range, so
+TRANSPOSE, SLICE, GATHER, BROADCAST_TO, SPLIT...: no boundary of their own),
+and CONCATENATION / PAD / REVERSE_V2, whose int8 kernels read every
+activation input at the output's scale (the plan gives them and their inputs one shared range, so
 the converter inserts no requantize)."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ class PassThrough(base.OpHandler):
   family = "shape"
   primitives = frozenset({
       "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose",
-      "slice", "dynamic_slice", "gather", "copy", "copy_p", "rev", "split",
+      "slice", "dynamic_slice", "gather", "copy", "copy_p", "split",
       "convert_element_type", "stop_gradient", "optimization_barrier",
   })
   litert_ops = ("RESHAPE", "TRANSPOSE", "SLICE", "STRIDED_SLICE", "GATHER",
-                "BROADCAST_TO", "REVERSE_V2", "SPLIT")
+                "BROADCAST_TO", "SPLIT")
 
   def role(self, node) -> str:
     return base.PASS_THROUGH
@@ -25,8 +25,10 @@ class PassThrough(base.OpHandler):
 
 class SameScaleJoin(base.OpHandler):
   family = "concat_pad"
-  primitives = frozenset({"concatenate", "pad"})
-  litert_ops = ("CONCATENATION", "PAD")
+  # REVERSE_V2 (jnp.flip, nn.RNN(reverse=True)) stays float unless its
+  # output has a boundary: it gets one, at its input's scale.
+  primitives = frozenset({"concatenate", "pad", "rev"})
+  litert_ops = ("CONCATENATION", "PAD", "REVERSE_V2")
 
   def same_scale_output(self, node, ctx, scaled_by):
     return [node.outputs[0]]
