@@ -121,3 +121,14 @@ def test_half_precision_inputs_get_a_clear_error(dtype):
   v = m.init(jax.random.key(0), bs[0])
   with pytest.raises(qlite.QliteError, match=f"argument 0 is {dtype}.*float32"):
     qlite.calibrate(m, RULES, bs, variables=v, progress=False)
+
+
+@pytest.mark.parametrize("batch, phrase", [
+    ({"x": np.zeros((4, 12), np.float32)}, "dict"),
+    ((np.zeros((4, 12), np.float32), True), "flag"),
+], ids=["dict_batch", "bool_flag"])
+def test_batches_that_are_not_positional_arrays_are_named(batch, phrase):
+  m = MLP(8)
+  v = m.init(jax.random.key(0), _batches()[0])
+  with pytest.raises(qlite.CalibrationError, match=f"(?i)calibration batch 0.*{phrase}"):
+    qlite.calibrate(m, RULES, [batch], variables=v, progress=False)

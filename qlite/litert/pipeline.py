@@ -24,6 +24,7 @@ from qlite.errors import (CalibrationError, ConversionError, QliteError,
 from qlite.trace import graph as graph_lib
 from qlite.trace.graph import Graph
 from qlite.quant import fingerprint
+from qlite.quant.batches import describe_bad_batch
 from qlite.quant.provider import QuantizedModel
 from qlite.rules import QuantizationRule
 
@@ -218,6 +219,9 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   for batch in it:
     if max_batches is not None and n >= max_batches:
       break
+    problem = describe_bad_batch(batch, what=f"calibration batch {n}")
+    if problem:
+      raise CalibrationError(problem)
     args = _as_args(batch)
     if first_shapes is None:
       check_static_shapes(args, "calibration batch 0")
@@ -276,6 +280,9 @@ def _export_function(model, rules, stats, example_args, variables,
   if qm.mf.params is None:
     raise QliteError(f"{qm.mf.description} is a Linen module: pass "
                      f"variables=...")
+  problem = describe_bad_batch(example_args, what="example_args")
+  if problem:
+    raise QliteError(problem)
   args = _as_args(example_args)
   check_static_shapes(args, "example_args")
   if stats is not None and stats.meta.get("model") not in (
@@ -290,7 +297,7 @@ def _export_function(model, rules, stats, example_args, variables,
   poor = range_warnings(plan, stats)
   if poor:
     warnings.warn("qlite: calibrated ranges int8 cannot use well:\n  " +
-                  "\n  ".join(poor), UserWarning, stacklevel=3)
+                  "\n  ".join(poor), UserWarning, stacklevel=4)
   fn = provider.function(graph, plan, jax.tree.leaves(qm.mf.params))
   return qm, graph, plan, fn, args
 
@@ -365,6 +372,17 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
     >>> qlite.inspect_tflite(blob).full_integer
     True
   """
+  with litert.SigintWatch() as watch:
+    blob = _export_tflite(model, rules, stats, example_args, variables,
+                          io_dtype, strict, verify, allow_changed_weights)
+    if path is not None:
+      watch.check()     # a Ctrl-C jax swallowed: write nothing
+      litert.write_atomic(path, blob)
+  return blob
+
+
+def _export_tflite(model, rules, stats, example_args, variables, io_dtype,
+                   strict, verify, allow_changed_weights) -> bytes:
   if io_dtype not in litert.IO_DTYPES:
     raise QliteError(f"io_dtype must be one of {litert.IO_DTYPES}, got "
                      f"{io_dtype!r}")
@@ -388,15 +406,13 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
     raise UnsupportedOpError(_float_island_message(info, graph))
   if not info.full_integer:
     warnings.warn("qlite: the model is not full-integer:\n" +
-                  _float_island_message(info, graph), UserWarning, stacklevel=2)
+                  _float_island_message(info, graph), UserWarning, stacklevel=3)
   if io_dtype == "int8":
     blob = litert.set_int8_io(blob)
   _verify_loads(blob)
   if verify != "off":
     _self_check(blob, qm, graph, plan, args, verify)
   qm.provider.matcher.warn_unmatched()
-  if path is not None:
-    litert.write_atomic(path, blob)
   return blob
 
 

@@ -127,7 +127,7 @@ def report(checks: Sequence[OutputCheck], mode: str, what: str) -> None:
          "returns the model anyway")
   if mode == "error":
     raise ConversionError(msg)
-  warnings.warn("qlite: " + msg, UserWarning, stacklevel=3)
+  warnings.warn("qlite: " + msg, UserWarning, stacklevel=5)
 
 
 def check_mode(mode: str) -> str:
