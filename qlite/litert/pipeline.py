@@ -256,8 +256,11 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   return stats
 
 
-# Calibration rows kept in the stats for the export's self-check.
+# Calibration rows kept in the stats for the export's self-check, and how
+# many of them the self-check runs (besides the example args): each row is
+# one op-by-op evaluation of the fake-quant model.
 SAMPLE_ROWS = 4
+VERIFY_SAMPLE_ROWS = 2
 SAMPLE_MAX_BYTES = 1 << 20
 
 
@@ -447,7 +450,7 @@ def _self_check(blob, qm, graph, plan, args, mode: str) -> None:
   samples = [tuple(jax.tree.leaves(tuple(args)))]
   stats = qm.provider.stats
   if stats is not None and getattr(stats, "samples", None):
-    samples.append(tuple(stats.samples))
+    samples.append(tuple(a[:VERIFY_SAMPLE_ROWS] for a in stats.samples))
   shapes = [tuple(graph.avals[v].shape) for v in graph.arg_vars]
   checks = verify_lib.check_export(
       blob, _output_scales(inspect_lib.inspect_tflite(blob)), fake_fn,
