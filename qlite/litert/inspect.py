@@ -296,3 +296,50 @@ def tensor_module_path(tensor_name: str) -> tuple[str, str]:
     return "", ""
   op = parts[-1].rstrip("0123456789")
   return "/".join(parts[:-1]), op
+
+
+def float_islands(info, graph=None) -> list[str]:
+  """Returns one line per float compute op of an exported model.
+
+  Each line names the LiteRT op, its jax op and module path and, when
+  ``graph`` is given, the source line, e.g. ``"SIN (jax op `sin` in module
+  `Block_0`, model.py:12 (Block.__call__))"``: what
+  ``export_tflite(strict=True)`` reports.
+
+  Args:
+    info: the :class:`TFLiteInfo` of the model (:func:`inspect_tflite`).
+    graph: the traced :class:`qlite.trace.graph.Graph` of the model, for
+      source lines (optional).
+
+  Returns:
+    A list of strings; empty for a full-integer model.
+
+  Example:
+    >>> from qlite.litert.inspect import float_islands
+    >>> float_islands(qlite.inspect_tflite(blob))   # blob: export_tflite's
+    []
+  """
+  by_path = {}
+  if graph is not None:
+    for node in graph.nodes:
+      by_path.setdefault((node.module_path, node.name), node.source)
+  lines = []
+  for op in info.float_ops:
+    names = [info.tensors[i].name for i in op.outputs]
+    path, prim = tensor_module_path(names[0]) if names else ("", "")
+    src = by_path.get((path, prim), "")
+    lines.append(f"{op.name} (jax op `{prim}` in module `{path or '<root>'}`"
+                 f"{', ' + src if src else ''})")
+  return lines
+
+
+def float_island_message(info, graph) -> str:
+  lines = float_islands(info, graph)
+  # QUANTIZE / DEQUANTIZE only mark where an island starts and ends
+  compute = [l for l in lines if not l.startswith(("QUANTIZE ", "DEQUANTIZE "))]
+  return ("the converted model still computes in float: " +
+          "; ".join(compute or lines) + ". Either no rule quantizes these "
+          "ops' module (add a rule with act_qtype='int8' for it), or LiteRT "
+          "has no int8 kernel for them (rewrite the op, or keep that module "
+          "in float with a rule act_qtype=None and export with strict=False "
+          "to accept the float islands).")

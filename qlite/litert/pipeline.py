@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from qlite.litert.providers import CalibrationProvider, ConversionProvider
 from qlite.quant.scales import as_quant_stats, range_warnings
 from qlite.litert import inspect as inspect_lib
-from qlite.litert.inspect import tensor_module_path
 from qlite.litert import convert as litert
 from qlite.litert import verify as verify_lib
 from qlite.core import calibration
@@ -22,7 +21,6 @@ from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
 from qlite.trace import graph as graph_lib
-from qlite.trace.graph import Graph
 from qlite.quant import fingerprint
 from qlite.quant.batches import describe_bad_batch
 from qlite.quant.provider import QuantizedModel
@@ -256,11 +254,9 @@ def calibrate(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
   return stats
 
 
-# Calibration rows kept in the stats for the export's self-check, and how
-# many of them the self-check runs (besides the example args): each row is
-# one op-by-op evaluation of the fake-quant model.
+# Calibration rows kept in the stats for the export's self-check
+# (qlite.litert.verify runs some of them).
 SAMPLE_ROWS = 4
-VERIFY_SAMPLE_ROWS = 2
 SAMPLE_MAX_BYTES = 1 << 20
 
 
@@ -270,8 +266,11 @@ def _kept_samples(args) -> list[np.ndarray]:
   flat = [np.asarray(a) for a in jax.tree.leaves(tuple(args))]
   if not flat or any(a.ndim == 0 for a in flat):
     return []
-  n = min(SAMPLE_ROWS, min(a.shape[0] for a in flat))
-  rows = [np.ascontiguousarray(a[:n]) for a in flat]
+  if len({a.shape[0] for a in flat}) == 1:     # a shared batch axis
+    n = min(SAMPLE_ROWS, flat[0].shape[0])
+    rows = [np.ascontiguousarray(a[:n]) for a in flat]
+  else:                      # e.g. nodes and edges: keep the whole example
+    rows = [np.ascontiguousarray(a) for a in flat]
   return rows if sum(r.nbytes for r in rows) <= SAMPLE_MAX_BYTES else []
 
 
@@ -406,56 +405,18 @@ def _export_tflite(model, rules, stats, example_args, variables, io_dtype,
                                  num_outputs=len(graph.out_vars))
   info = inspect_lib.inspect_tflite(blob)
   if strict and not info.full_integer:
-    raise UnsupportedOpError(_float_island_message(info, graph))
+    raise UnsupportedOpError(inspect_lib.float_island_message(info, graph))
   if not info.full_integer:
     warnings.warn("qlite: the model is not full-integer:\n" +
-                  _float_island_message(info, graph), UserWarning, stacklevel=3)
+                  inspect_lib.float_island_message(info, graph), UserWarning, stacklevel=3)
   if io_dtype == "int8":
     blob = litert.set_int8_io(blob)
   _verify_loads(blob)
   if verify != "off":
-    _self_check(blob, qm, graph, plan, args, verify)
+    verify_lib.self_check(blob, qm, graph, plan, args, verify)
   qm.provider.matcher.warn_unmatched()
   return blob
 
-
-def _output_scales(info) -> list[float | None]:
-  """Each model output's quantization scale (an int8 output's own, a float
-  output's DEQUANTIZE input's), None for a float output."""
-  made_by = {o: op for op in info.ops for o in op.outputs}
-  scales = []
-  for t in info.outputs:
-    tensor = info.tensor(t)
-    if tensor.scale is None and t in made_by and \
-        made_by[t].name == "DEQUANTIZE":
-      tensor = info.tensor(made_by[t].inputs[0])
-    scales.append(float(tensor.scale[0]) if tensor.scale is not None
-                  else None)
-  return scales
-
-
-def _self_check(blob, qm, graph, plan, args, mode: str) -> None:
-  """Runs the .tflite and the fake-quant model on the example args and the
-  stats' kept samples; raises / warns per ``mode`` when they disagree."""
-  flat_params = jax.tree.leaves(qm.mf.params)
-  # Op by op, not jitted: jax's per-primitive compile cache makes this
-  # cheaper than compiling the whole fake-quant model for one or two calls.
-  fake_fn = qm.provider.function(graph, plan, flat_params)
-  params = qm.mf.params
-
-  def float_fn(*flat):
-    a = jax.tree.unflatten(graph.args_tree, flat)
-    return jax.tree.leaves(qm.mf.fn(params, *a))
-
-  samples = [tuple(jax.tree.leaves(tuple(args)))]
-  stats = qm.provider.stats
-  if stats is not None and getattr(stats, "samples", None):
-    samples.append(tuple(a[:VERIFY_SAMPLE_ROWS] for a in stats.samples))
-  shapes = [tuple(graph.avals[v].shape) for v in graph.arg_vars]
-  checks = verify_lib.check_export(
-      blob, _output_scales(inspect_lib.inspect_tflite(blob)), fake_fn,
-      float_fn, samples, shapes)
-  verify_lib.report(checks, mode, qm.mf.description)
 
 
 def _verify_loads(blob: bytes) -> None:
@@ -472,52 +433,6 @@ def _verify_loads(blob: bytes) -> None:
                   f"model ({runner.delegate_error}); it runs with the builtin "
                   f"int8 kernels", UserWarning, stacklevel=3)
 
-
-def float_islands(info, graph: Graph | None = None) -> list[str]:
-  """Returns one line per float compute op of an exported model.
-
-  Each line names the LiteRT op, its jax op and module path and, when
-  ``graph`` is given, the source line, e.g. ``"SIN (jax op `sin` in module
-  `Block_0`, model.py:12 (Block.__call__))"``: what
-  ``export_tflite(strict=True)`` reports.
-
-  Args:
-    info: the :class:`TFLiteInfo` of the model (:func:`inspect_tflite`).
-    graph: the traced :class:`qlite.trace.graph.Graph` of the model, for
-      source lines (optional).
-
-  Returns:
-    A list of strings; empty for a full-integer model.
-
-  Example:
-    >>> from qlite.litert.pipeline import float_islands
-    >>> float_islands(qlite.inspect_tflite(blob))   # blob: export_tflite's
-    []
-  """
-  by_path = {}
-  if graph is not None:
-    for node in graph.nodes:
-      by_path.setdefault((node.module_path, node.name), node.source)
-  lines = []
-  for op in info.float_ops:
-    names = [info.tensors[i].name for i in op.outputs]
-    path, prim = tensor_module_path(names[0]) if names else ("", "")
-    src = by_path.get((path, prim), "")
-    lines.append(f"{op.name} (jax op `{prim}` in module `{path or '<root>'}`"
-                 f"{', ' + src if src else ''})")
-  return lines
-
-
-def _float_island_message(info, graph) -> str:
-  lines = float_islands(info, graph)
-  # QUANTIZE / DEQUANTIZE only mark where an island starts and ends
-  compute = [l for l in lines if not l.startswith(("QUANTIZE ", "DEQUANTIZE "))]
-  return ("the converted model still computes in float: " +
-          "; ".join(compute or lines) + ". Either no rule quantizes these "
-          "ops' module (add a rule with act_qtype='int8' for it), or LiteRT "
-          "has no int8 kernel for them (rewrite the op, or keep that module "
-          "in float with a rule act_qtype=None and export with strict=False "
-          "to accept the float islands).")
 
 
 def export_float_tflite(model, example_args, variables=None,

@@ -25,8 +25,12 @@ import numpy as np
 
 from qlite import metrics
 from qlite.errors import ConversionError, QliteError
+from qlite.litert import inspect as inspect_lib
 
 MAX_LSB = 4.0
+# Kept calibration rows (stats.samples) the check runs besides the example
+# args: each row is one op-by-op evaluation of the fake-quant model.
+SAMPLE_ROWS = 2
 FAITHFUL_DB = 3.0
 MODES = ("error", "warn", "off")
 
@@ -59,7 +63,15 @@ class OutputCheck:
 
 def _rows(args: Sequence[np.ndarray], shapes) -> list[tuple]:
   """Splits ``args`` (arrays with a leading batch axis, possibly another
-  batch size than the export's) into tuples of the export's input shapes."""
+  batch size than the export's) into tuples of the export's input shapes;
+  ``args`` of exactly those shapes (e.g. a graph's nodes and edges, whose
+  leading sizes differ) are one row; anything else gives no row."""
+  if len(args) == len(shapes) and all(
+      tuple(np.shape(a)) == tuple(s) for a, s in zip(args, shapes)):
+    return [tuple(np.asarray(a) for a in args)]
+  if len({np.shape(a)[0] if np.ndim(a) else None for a in args}) != 1 or \
+      len({s[0] if len(s) else None for s in shapes}) != 1:
+    return []                    # no shared batch axis to split along
   n_export = shapes[0][0] if shapes and len(shapes[0]) else 1
   n = np.shape(args[0])[0] if np.ndim(args[0]) else 1
   if any(tuple(np.shape(a)[1:]) != tuple(s[1:]) for a, s in zip(args, shapes)):
@@ -138,3 +150,45 @@ def check_mode(mode: str) -> str:
 
 def jitted(fn):
   return jax.jit(fn)
+
+
+def output_scales(info) -> list[float | None]:
+  """Each model output's quantization scale (an int8 output's own, a float
+  output's DEQUANTIZE input's), None for a float output."""
+  made_by = {o: op for op in info.ops for o in op.outputs}
+  scales = []
+  for t in info.outputs:
+    tensor = info.tensor(t)
+    if tensor.scale is None and t in made_by and \
+        made_by[t].name == "DEQUANTIZE":
+      tensor = info.tensor(made_by[t].inputs[0])
+    scales.append(float(tensor.scale[0]) if tensor.scale is not None
+                  else None)
+  return scales
+
+
+def self_check(blob, qm, graph, plan, args, mode: str) -> None:
+  """Runs the .tflite and the fake-quant model on the example args and the
+  stats' kept samples; raises / warns per ``mode`` when they disagree."""
+  flat_params = jax.tree.leaves(qm.mf.params)
+  # Op by op, not jitted: jax's per-primitive compile cache makes this
+  # cheaper than compiling the whole fake-quant model for one or two calls.
+  fake_fn = qm.provider.function(graph, plan, flat_params)
+  params = qm.mf.params
+
+  def float_fn(*flat):
+    a = jax.tree.unflatten(graph.args_tree, flat)
+    return jax.tree.leaves(qm.mf.fn(params, *a))
+
+  samples = [tuple(jax.tree.leaves(tuple(args)))]
+  stats = qm.provider.stats
+  if stats is not None and getattr(stats, "samples", None):
+    kept = tuple(stats.samples)
+    if len({np.shape(a)[0] for a in kept}) == 1:      # rows of a batch
+      kept = tuple(a[:SAMPLE_ROWS] for a in kept)
+    samples.append(kept)
+  shapes = [tuple(graph.avals[v].shape) for v in graph.arg_vars]
+  checks = check_export(
+      blob, output_scales(inspect_lib.inspect_tflite(blob)), fake_fn,
+      float_fn, samples, shapes)
+  report(checks, mode, qm.mf.description)

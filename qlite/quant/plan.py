@@ -321,8 +321,9 @@ class _Planner:
   def _add_boundary(self, var: int, keyed_by: Node | None, rule_m, op: str,
                     module_path: str, source: str, key: str | None = None):
     idx, rule = rule_m
-    if rule.act_qtype is None or var in self.boundaries:
-      return
+    if rule.act_qtype is None or var in self.boundaries or \
+        int(np.prod(self.graph.avals[var].shape)) == 0:
+      return                # (a zero-size value, e.g. in associative_scan)
     fixed = self.registry[op].fixed_range(op) if keyed_by is not None \
         else None
     if fixed is None and rule.act_calibration_method is not None and \

@@ -13,7 +13,8 @@ from qlite.litert.inspect import inspect_tflite
 from qlite.litert.runtime import TFLiteRunner
 from qlite.errors import QliteError
 from qlite.metrics import sqnr_db
-from qlite.litert.pipeline import calibrate, export_tflite, float_islands
+from qlite.litert.inspect import float_islands
+from qlite.litert.pipeline import calibrate, export_tflite
 from qlite.rules import QuantizationRule
 
 
