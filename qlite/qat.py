@@ -105,6 +105,8 @@ class QatProvider(Provider):
       elif b.derived_from is not None:    # a masked select: the logits' range
         src = new_stats.get(b.derived_from.key, stats[b.derived_from.key])
         lo, hi = src["min"] - b.derived_margin, src["max"]
+        if b.derived_offset:           # the mask bias added to the logits
+          lo, hi = lo - hi, jnp.float32(0.0)
       else:
         rec = stats[b.key]
         lo, hi = rec["min"], rec["max"]

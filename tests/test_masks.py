@@ -162,3 +162,33 @@ def test_qat_with_a_masked_softmax_exports_full_integer():
   blob = qlite.export_tflite(model, RULES, upd["quant_stats"], x[:1],
                              variables={"params": qv["params"]})
   assert qlite.inspect_tflite(blob).full_integer
+
+
+class MaskBias(nn.Module):
+  """BERT-style: the padding mask becomes a bias, where(mask, 0, finfo.min),
+  added to the logits (transformers' Flax BERT does exactly this)."""
+
+  @nn.compact
+  def __call__(self, x, attention_mask):
+    logits = jnp.einsum("bqd,bkd->bqk", nn.Dense(8)(x), nn.Dense(8)(x))
+    shape = (x.shape[0], 1, x.shape[1])
+    bias = jax.lax.select(attention_mask[:, None, :] > 0,
+                          jnp.full(shape, 0.0),
+                          jnp.full(shape, jnp.finfo(jnp.float32).min))
+    return jax.nn.softmax(logits + bias)
+
+
+def test_mask_bias_from_an_input_mask():
+  rng = np.random.default_rng(2)
+  bs = []
+  for x in _batches(n=4, shape=(2, 8, 12)):
+    keep = (rng.random((2, 8)) > 0.3).astype(np.int32)
+    keep[:, 0] = 1
+    bs.append((x, keep))
+  model = MaskBias()
+  v = model.init(jax.random.key(0), *bs[0])
+  blob, ref, out = _run(model, bs, v)
+  assert qlite.inspect_tflite(blob).full_integer
+  assert qlite.metrics.sqnr_db(ref, out) > 30.0
+  masked = np.broadcast_to(bs[-1][1][:, None, :] == 0, out.shape)
+  assert np.all(out[masked] == 0.0)

@@ -81,6 +81,11 @@ class Arithmetic(base.OpHandler):
       return None
     from qlite.ops import masking
     for fill, value in ((0, 1), (1, 0)):
+      if ctx.graph.is_activation(node.inputs[fill]) and ctx.graph.is_activation(
+          node.inputs[value]) and masking.mask_bias_select(
+              ctx, node.inputs[fill]) is not None and masking._feeds_softmax(
+                  ctx, node.outputs[0]):
+        return fill, value          # logits + where(mask, 0, fill)
       c = masking._constant(ctx, node.inputs[fill])
       if c is None or np.size(c) == 0 or not ctx.graph.is_activation(
           node.inputs[value]) or not np.issubdtype(c.dtype, np.floating):

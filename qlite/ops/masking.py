@@ -57,6 +57,40 @@ def _feeds_softmax(ctx, var: int) -> bool:
   return False
 
 
+def mask_bias_select(ctx, var):
+  """The ``select_n`` node that makes ``var`` an attention-mask bias --
+  ``where(mask, 0, fill)`` with an input-dependent mask (BERT-style
+  ``lax.select(mask > 0, 0, finfo.min)``), possibly reshaped / broadcast --
+  or None."""
+  graph = ctx.graph
+  for _ in range(16):
+    node = graph.producer.get(var)
+    if node is None:
+      return None
+    if node.name == "select_n" and len(node.inputs) == 3:
+      break
+    if ctx.handler(node).role(node) != base.PASS_THROUGH:
+      return None
+    acts = [a for a in node.inputs if graph.is_activation(a)]
+    if len(acts) != 1:
+      return None
+    var = acts[0]
+  else:
+    return None
+  if _constant(ctx, node.inputs[0]) is not None:
+    return None                       # a constant mask: folded, handled as such
+  consts = [_constant(ctx, a) for a in node.inputs[1:]]
+  if any(c is None or np.size(c) == 0 or not np.issubdtype(c.dtype,
+                                                           np.floating)
+         for c in consts):
+    return None
+  fills = [bool(np.all(c <= FILL_AT_MOST)) for c in consts]
+  zeros = [bool(np.all(c == 0)) for c in consts]
+  if (fills[0] and zeros[1]) or (fills[1] and zeros[0]):
+    return node
+  return None
+
+
 class Select(base.OpHandler):
   family = "select"
   primitives = frozenset({"select_n"})

@@ -43,6 +43,9 @@ class Boundary:
   # with a fill int8 cannot hold: qlite.ops.masking).
   derived_from: "Boundary | None" = None
   derived_margin: float = 0.0
+  # The mask bias added to the logits instead (``where(mask, 0, fill)``):
+  # range (lo - hi - margin, 0) of ``derived_from``'s (lo, hi).
+  derived_offset: bool = False
 
   @property
   def calibrated(self) -> bool:
@@ -192,6 +195,8 @@ class _Planner:
     self.boundaries: dict[int, Boundary] = {}
     # select output -> (masked value var, margin)
     self.masked: dict[int, tuple[int, float]] = {}
+    # mask bias var -> (the logits var it is added to, margin)
+    self.mask_bias: dict[int, tuple[int, float]] = {}
 
   # -- operand classification
   def static_value(self, node: Node, i: int):
@@ -219,6 +224,10 @@ class _Planner:
     if masked is not None:
       self.masked[node.outputs[0]] = (node.inputs[masked[1]],
                                       handler.mask_margin)
+      fill = node.inputs[masked[0]]
+      if not isinstance(fill, Lit) and self.graph.is_activation(fill):
+        self.mask_bias[scale_source(self.graph, fill, self.registry)] = (
+            node.inputs[masked[1]], handler.mask_margin)
     for i, reciprocal in handler.quantized_constants(node, self.ctx):
       clamp = node.outputs[0] if masked is not None and i == masked[0] \
           else None
@@ -375,6 +384,17 @@ class _Planner:
         continue
       self.boundaries[out] = dataclasses.replace(
           b, derived_from=source, derived_margin=margin)
+    for bias, (value, margin) in self.mask_bias.items():
+      src = scale_source(self.graph, value, self.registry)
+      b, source = self.boundaries.get(bias), self.boundaries.get(src)
+      if b is None or source is None or b.fixed_range is not None:
+        continue
+      self.boundaries[bias] = dataclasses.replace(
+          b, derived_from=source, derived_margin=margin, derived_offset=True)
+      select = self.graph.producer[bias]     # its fill / zero: into range
+      for key, spec in list(self.consts.items()):
+        if spec.node == select.index:
+          self.consts[key] = dataclasses.replace(spec, clamp_to=bias)
 
   def _rounding(self) -> None:
     for scale_index, summed in self.sum_scale.items():

@@ -33,6 +33,8 @@ def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
     return b.fixed_range
   if b.derived_from is not None:      # a masked select: the value's range
     lo, hi = boundary_range(b.derived_from, stats)
+    if b.derived_offset:              # the mask bias added to the logits
+      return lo - hi - b.derived_margin, 0.0
     return lo - b.derived_margin, hi
   if stats is None or b.key not in stats:
     raise CalibrationError(
