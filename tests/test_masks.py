@@ -192,3 +192,32 @@ def test_mask_bias_from_an_input_mask():
   assert qlite.metrics.sqnr_db(ref, out) > 30.0
   masked = np.broadcast_to(bs[-1][1][:, None, :] == 0, out.shape)
   assert np.all(out[masked] == 0.0)
+
+
+class CastMaskBias(nn.Module):
+  """The float-mask form: (1 - mask.astype(f32)) * -1e9 added to the logits
+  (a bool -> float cast of an input runs as SELECT; the product is the
+  bias)."""
+
+  @nn.compact
+  def __call__(self, x, keep):
+    logits = jnp.einsum("bqd,bkd->bqk", nn.Dense(8)(x), nn.Dense(8)(x))
+    bias = (1.0 - keep[:, None, :].astype(jnp.float32)) * -1e9
+    return jax.nn.softmax(logits + bias)
+
+
+def test_float_cast_mask_bias_from_an_input_mask():
+  rng = np.random.default_rng(3)
+  bs = []
+  for x in _batches(n=4, shape=(2, 8, 12)):
+    keep = rng.random((2, 8)) > 0.3
+    keep[:, 0] = True
+    bs.append((x, keep))
+  model = CastMaskBias()
+  v = model.init(jax.random.key(0), *bs[0])
+  blob, ref, out = _run(model, bs, v)
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer and "CAST" not in info.op_histogram
+  assert qlite.metrics.sqnr_db(ref, out) > 28.0       # measured 31.3 dB
+  masked = np.broadcast_to(~bs[-1][1][:, None, :], out.shape)
+  assert np.all(out[masked] == 0.0)

@@ -152,11 +152,17 @@ class OpHandler:
     softmax): the output takes the value's range, the fill is clamped."""
     return None
 
-  def constant_factor(self, node) -> float | None:
-    """When the op is its one input times a constant (``neg``: -1), that
-    constant: it then runs as a MUL by the quantized constant (for ops with
-    no int8 kernel of their own)."""
-    return None
+  def virtual_constants(self, node, ctx: PlanContext) -> tuple:
+    """Constants the op does not have as operands but runs with when it has
+    no int8 kernel of its own (``neg``: -1, run as a MUL; a bool -> float
+    cast: 0 and 1, run as a SELECT): each gets a per-tensor boundary and
+    :meth:`lower` computes the op from them. Empty: the op runs as itself."""
+    return ()
+
+  def lower(self, node, invals: list, consts: list) -> list:
+    """The op's outputs computed from its inputs and its quantized
+    :meth:`virtual_constants`."""
+    raise NotImplementedError(node.name)
 
   def reads_constant_values(self) -> bool:
     """True when the handler pattern-matches constant operand values (the

@@ -16,6 +16,7 @@ comparisons.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from qlite.ops import base
@@ -131,8 +132,11 @@ class Negate(base.OpHandler):
   litert_ops = ("MUL",)
   notes = "NEG has no int8 kernel: runs as MUL by a quantized -1"
 
-  def constant_factor(self, node) -> float | None:
-    return -1.0
+  def virtual_constants(self, node, ctx) -> tuple:
+    return (-1.0,)
+
+  def lower(self, node, invals, consts):
+    return [jax.lax.mul_p.bind(invals[0], consts[0])]
 
 
 HANDLERS = (Arithmetic(), OtherBinary(), Compare(), Negate())

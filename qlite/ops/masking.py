@@ -58,10 +58,10 @@ def _feeds_softmax(ctx, var: int) -> bool:
 
 
 def mask_bias_select(ctx, var):
-  """The ``select_n`` node that makes ``var`` an attention-mask bias --
-  ``where(mask, 0, fill)`` with an input-dependent mask (BERT-style
-  ``lax.select(mask > 0, 0, finfo.min)``), possibly reshaped / broadcast --
-  or None."""
+  """The node that makes ``var`` an attention-mask bias, possibly reshaped /
+  broadcast, or None: ``where(mask, 0, fill)`` with an input-dependent mask
+  (BERT-style ``lax.select(mask > 0, 0, finfo.min)``), or ``m * fill`` with
+  ``m`` computed from the mask (``(1 - mask.astype(f32)) * -1e9``)."""
   graph = ctx.graph
   for _ in range(16):
     node = graph.producer.get(var)
@@ -69,6 +69,14 @@ def mask_bias_select(ctx, var):
       return None
     if node.name == "select_n" and len(node.inputs) == 3:
       break
+    if node.name == "mul" and len(node.inputs) == 2:
+      for i in (0, 1):
+        c = _constant(ctx, node.inputs[i])
+        if c is not None and np.size(c) and np.issubdtype(c.dtype, np.floating) \
+            and np.all(c <= FILL_AT_MOST) and graph.is_activation(
+                node.inputs[1 - i]):
+          return node
+      return None
     if ctx.handler(node).role(node) != base.PASS_THROUGH:
       return None
     acts = [a for a in node.inputs if graph.is_activation(a)]

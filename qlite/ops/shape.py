@@ -6,6 +6,9 @@ the converter inserts no requantize)."""
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
 from qlite.ops import base
 
 
@@ -14,7 +17,7 @@ class PassThrough(base.OpHandler):
   primitives = frozenset({
       "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose",
       "slice", "dynamic_slice", "gather", "copy", "copy_p", "split",
-      "convert_element_type", "stop_gradient", "optimization_barrier",
+      "stop_gradient", "optimization_barrier",
   })
   litert_ops = ("RESHAPE", "TRANSPOSE", "SLICE", "STRIDED_SLICE", "GATHER",
                 "BROADCAST_TO", "SPLIT")
@@ -34,4 +37,28 @@ class SameScaleJoin(base.OpHandler):
     return [node.outputs[0]]
 
 
-HANDLERS = (PassThrough(), SameScaleJoin())
+class Cast(PassThrough):
+  """``convert_element_type``: float -> float passes its input's scale; a
+  bool -> float cast of a computed value (``mask.astype(jnp.float32)``) has
+  no int8 form (CAST to float), so it runs as ``where(b, 1, 0)``: SELECT of
+  two quantized constants."""
+  family = "cast"
+  primitives = frozenset({"convert_element_type"})
+  litert_ops = ("SELECT_V2",)
+
+  def virtual_constants(self, node, ctx) -> tuple:
+    graph = ctx.graph
+    a, out = node.inputs[0], node.outputs[0]
+    if isinstance(a, int) and graph.avals[a].dtype == np.bool_ and \
+        graph.is_activation(out):
+      return (0.0, 1.0)
+    return ()
+
+  def lower(self, node, invals, consts):
+    b = invals[0]
+    zero = jax.numpy.broadcast_to(consts[0], b.shape)
+    one = jax.numpy.broadcast_to(consts[1], b.shape)
+    return [jax.numpy.where(b, one, zero).astype(node.params["new_dtype"])]
+
+
+HANDLERS = (PassThrough(), SameScaleJoin(), Cast())

@@ -211,15 +211,21 @@ class _Planner:
       return np.issubdtype(np.asarray(a.value).dtype, np.floating)
     return (not self.graph.is_activation(a)) and self.graph.is_float(a)
 
-  def _add_consts(self, node: Node, rule) -> None:
-    handler = self.registry[node.name]
-    factor = handler.constant_factor(node)
-    if factor is not None and len(node.inputs) == 1:
-      i = len(node.inputs)
+  def _add_virtual_consts(self, node: Node, handler, rule) -> bool:
+    """ConstSpecs (operands past the node's inputs) for the constants a
+    handler lowers the op with; True when there are any."""
+    values = handler.virtual_constants(node, self.ctx)
+    for k, value in enumerate(values):
+      i = len(node.inputs) + k
       self.consts[(node.index, i)] = ConstSpec(
           node.index, i, rule,
           self.const_keys.make(node.module_path, node.name) + f":const{i}",
-          value=factor)
+          value=float(value))
+    return bool(values)
+
+  def _add_consts(self, node: Node, rule) -> None:
+    handler = self.registry[node.name]
+    self._add_virtual_consts(node, handler, rule)
     masked = handler.masked_fill(node, self.ctx)
     if masked is not None:
       self.masked[node.outputs[0]] = (node.inputs[masked[1]],
@@ -286,6 +292,9 @@ class _Planner:
       self.out_boundary[node.outputs[0]] = node
       return
     if role == ops.PASS_THROUGH:
+      if self._add_virtual_consts(node, handler, rule):   # e.g. a bool cast
+        for o in act_outs:
+          self.out_boundary[o] = node
       return
     if len(node.outputs) == 1:
       cons = graph.consumers.get(node.outputs[0], [])
@@ -482,11 +491,13 @@ def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
   multiplication by the quantized reciprocal (LiteRT's int8 DIV is
   unreliable). Returns the node's outputs, or None when nothing was planned.
   """
-  factor = plan.consts.get((node.index, len(node.inputs)))
-  if factor is not None and factor.value is not None:
-    q = const(factor, np.float32(factor.value))
-    if q is not None:
-      return [jax.lax.mul_p.bind(invals[0], q)]
+  virtual = []
+  while (node.index, len(node.inputs) + len(virtual)) in plan.consts:
+    virtual.append(plan.consts[(node.index, len(node.inputs) + len(virtual))])
+  if virtual:
+    qs = [const(spec, np.float32(spec.value)) for spec in virtual]
+    if all(q is not None for q in qs):
+      return ops.REGISTRY[node.name].lower(node, list(invals), qs)
   hit = reciprocal = False
   for i, a in enumerate(node.inputs):
     wspec = plan.weights.get((node.index, i))
