@@ -37,6 +37,7 @@ def main(out_dir: str = ".", *, steps: int = 300, calib_batches: int = 32,
   stats = calibrate(model, rules, data.batches(32, calib_batches),
                     variables=variables)
   t_cal = time.perf_counter() - t1
+  os.makedirs(out_dir, exist_ok=True)       # --out-dir is created
   path = os.path.join(out_dir, "digits_int8.tflite")
   t2 = time.perf_counter()
   blob = export_tflite(model, rules, stats, data.x_test[:1],
