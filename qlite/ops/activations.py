@@ -66,9 +66,22 @@ class Clamp(base.OpHandler):
             if ctx.is_const_operand(node, i)]
 
   def same_scale_output(self, node, ctx, scaled_by):
-    if node.name == "clamp" or len(ctx.activation_inputs(node)) < 2:
-      return None                 # relu clamps, max / min with a constant
-    return [node.outputs[0]]
+    if node.name == "clamp":
+      return None
+    acts = ctx.activation_inputs(node)
+    if len(acts) >= 2:
+      return [node.outputs[0]]
+    if len(acts) == 1 and not self.activation_kind(node, ctx):
+      # max / min with a constant of a tensor other ops read too: LiteRT's
+      # MAXIMUM / MINIMUM read their input at the output's scale, and the
+      # converter requantizes the shared tensor once and hands that copy to
+      # the other readers as well (max(y, 0) + 0.5 * min(y, 0) of a
+      # transposed Dense: the relu read [min, 0] and lost the positive
+      # half). One shared range makes no requantize.
+      src = node.inputs[acts[0]]
+      if len(ctx.graph.consumers.get(src, [])) > 1:
+        return [node.outputs[0]]
+    return None                   # relu clamps, max / min with a constant
 
 
 def _leaky_relu(original, x, negative_slope=1e-2):
