@@ -80,16 +80,9 @@ _DOUBLE_ROUNDING = (
     "LiteRT {lite} dB vs float against fake-quant {fake} dB (over the "
     "fuzzer's 3 batches LiteRT is within 3 dB of fake-quant)")
 EXPECTED_NAMED_ERRORS: dict[int, tuple[str, str]] = {
-    165: ("ConversionError", _DOUBLE_ROUNDING.format(
-        fused="the where-mask's logits / sqrt(8) MUL into the SELECT_V2 "
-        "(its output takes the select's range, widened 10 below the logits "
-        "for the fill: scale 0.042)", first="the MUL's own scale (0.0028)",
-        amplifier="the masked softmax and attention", lite=32.6, fake=36.2)),
-    179: ("ConversionError", _DOUBLE_ROUNDING.format(
-        fused="relu6 into the message ADD (x + segment_sum(...)[seg])",
-        first="the ADD's scale (0.043, 2.6x the clamp's)",
-        amplifier="a later LayerNorm (its rsqrt boundary 24 dB vs float)",
-        lite=24.1, fake=30.1)),
+    # (165 and 179 were self-check false alarms from double rounding, listed
+    # here with _DOUBLE_ROUNDING until the export self-check's margin became
+    # 10 dB over its few rows: both now export full-integer, 33.1 / 26.9 dB)
 }
 
 IMAGE_OPS = ("conv", "depthwise", "bn", "act", "pool", "residual", "concat",

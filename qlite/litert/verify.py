@@ -5,13 +5,14 @@ After conversion, :func:`check_export` runs the ``.tflite`` in LiteRT and the
 fake-quant JAX model (the :class:`~qlite.litert.providers.ConversionProvider`
 with the same stats and rules) on the example args and on the calibration
 samples kept in the stats, and compares their outputs in LSB of each
-output's scale. The criterion is the fuzzer's (``tests/fuzz_models.py``): an
-output is faithful when it is within :data:`MAX_LSB` of the fake-quant one,
-or at least as close to the float model as the fake-quant one is (within
-:data:`FAITHFUL_DB`; int8 MEAN / AVERAGE_POOL_2D round differently from the
-float fake-quant model, so outputs whose range is tiny next to their inputs'
-can differ by more LSB while being as accurate). A broken conversion (an
-all-zero output, an int32 bias overflow) is tens of dB worse.
+output's scale. An output is faithful when it is within :data:`MAX_LSB` of
+the fake-quant one, or not more than :data:`FAITHFUL_DB` further from the
+float model than the fake-quant one is (int8 MEAN / AVERAGE_POOL_2D round
+differently from the float fake-quant model, so outputs whose range is tiny
+next to their inputs' can differ by more LSB while being as accurate). A
+broken conversion (an all-zero output, an int32 bias overflow) is tens of dB
+worse. The fuzzer (``tests/fuzz_models.py``) applies a stricter 3 dB over
+more data.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ MAX_LSB = 4.0
 # Kept calibration rows (stats.samples) the check runs besides the example
 # args: each row is one op-by-op evaluation of the fake-quant model.
 SAMPLE_ROWS = 2
-FAITHFUL_DB = 3.0
+# On three rows, where the converter fuses an op that the fake-quant model
+# rounds twice (a relu6 into an ADD, a MUL into a masked SELECT), a later
+# softmax or LayerNorm can put LiteRT up to ~6 dB behind the fake-quant
+# model while it is as accurate on more data (fuzz seeds 165 / 179 of the
+# grown vocabulary). Broken conversions are 30+ dB behind (grouped weights
+# read at one scale: 0.0 vs 43.2 dB; zero-point weights: 4.4 vs 38.8 dB).
+FAITHFUL_DB = 10.0
 MODES = ("error", "warn", "off")
 
 
