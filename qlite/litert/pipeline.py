@@ -266,7 +266,7 @@ def _kept_samples(args) -> list[np.ndarray]:
   flat = [np.asarray(a) for a in jax.tree.leaves(tuple(args))]
   if not flat or any(a.ndim == 0 for a in flat):
     return []
-  if len({a.shape[0] for a in flat}) == 1:     # a shared batch axis
+  if verify_lib.shares_batch_axis(flat):
     n = min(SAMPLE_ROWS, flat[0].shape[0])
     rows = [np.ascontiguousarray(a[:n]) for a in flat]
   else:                      # e.g. nodes and edges: keep the whole example

@@ -68,6 +68,14 @@ class OutputCheck:
     return s
 
 
+def shares_batch_axis(arrays) -> bool:
+  """True when every array has a leading axis of one common size (rows of
+  one batch), False for scalars or differing sizes (a graph's nodes and
+  edges)."""
+  return len({np.shape(a)[0] if np.ndim(a) else None for a in arrays}) == 1 \
+      and all(np.ndim(a) for a in arrays)
+
+
 def _rows(args: Sequence[np.ndarray], shapes) -> list[tuple]:
   """Splits ``args`` (arrays with a leading batch axis, possibly another
   batch size than the export's) into tuples of the export's input shapes;
@@ -76,7 +84,7 @@ def _rows(args: Sequence[np.ndarray], shapes) -> list[tuple]:
   if len(args) == len(shapes) and all(
       tuple(np.shape(a)) == tuple(s) for a, s in zip(args, shapes)):
     return [tuple(np.asarray(a) for a in args)]
-  if len({np.shape(a)[0] if np.ndim(a) else None for a in args}) != 1 or \
+  if not shares_batch_axis(args) or \
       len({s[0] if len(s) else None for s in shapes}) != 1:
     return []                    # no shared batch axis to split along
   n_export = shapes[0][0] if shapes and len(shapes[0]) else 1
@@ -155,9 +163,6 @@ def check_mode(mode: str) -> str:
   return mode
 
 
-def jitted(fn):
-  return jax.jit(fn)
-
 
 def output_scales(info) -> list[float | None]:
   """Each model output's quantization scale (an int8 output's own, a float
@@ -191,7 +196,7 @@ def self_check(blob, qm, graph, plan, args, mode: str) -> None:
   stats = qm.provider.stats
   if stats is not None and getattr(stats, "samples", None):
     kept = tuple(stats.samples)
-    if len({np.shape(a)[0] for a in kept}) == 1:      # rows of a batch
+    if shares_batch_axis(kept):                       # rows of a batch
       kept = tuple(a[:SAMPLE_ROWS] for a in kept)
     samples.append(kept)
   shapes = [tuple(graph.avals[v].shape) for v in graph.arg_vars]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from qlite.ops import base
+from qlite.ops import base, masking
 
 BIAS = frozenset({"add", "sub"})
 AFFINE = frozenset({"add", "sub", "mul", "div"})
@@ -80,18 +80,17 @@ class Arithmetic(base.OpHandler):
     zeros and huge negatives, feeding a softmax (qlite.ops.masking)."""
     if node.name != "add":
       return None
-    from qlite.ops import masking
     for fill, value in ((0, 1), (1, 0)):
       if ctx.graph.is_activation(node.inputs[fill]) and ctx.graph.is_activation(
           node.inputs[value]) and masking.mask_bias_select(
-              ctx, node.inputs[fill]) is not None and masking._feeds_softmax(
+              ctx, node.inputs[fill]) is not None and masking.feeds_softmax(
                   ctx, node.outputs[0]):
         return fill, value          # logits + where(mask, 0, fill)
-      c = masking._constant(ctx, node.inputs[fill])
+      c = masking.constant_value(ctx, node.inputs[fill])
       if c is None or np.size(c) == 0 or not ctx.graph.is_activation(
           node.inputs[value]) or not np.issubdtype(c.dtype, np.floating):
         continue
-      if np.min(c) <= masking.FILL_AT_MOST and masking._feeds_softmax(
+      if np.min(c) <= masking.FILL_AT_MOST and masking.feeds_softmax(
           ctx, node.outputs[0]):
         return fill, value
     return None

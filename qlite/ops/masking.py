@@ -27,7 +27,7 @@ _SHAPE_OPS = frozenset({"broadcast_in_dim", "reshape", "convert_element_type",
                         "squeeze", "expand_dims", "copy", "copy_p"})
 
 
-def _constant(ctx, a):
+def constant_value(ctx, a):
   """The value of operand ``a`` when it is a literal or a broadcast /
   reshape of one (or of a small known constant), else None."""
   graph = ctx.graph
@@ -42,7 +42,7 @@ def _constant(ctx, a):
   return np.asarray(a.value)
 
 
-def _feeds_softmax(ctx, var: int) -> bool:
+def feeds_softmax(ctx, var: int) -> bool:
   graph = ctx.graph
   for _ in range(16):
     cons = graph.consumers.get(var, [])
@@ -71,7 +71,7 @@ def mask_bias_select(ctx, var):
       break
     if node.name == "mul" and len(node.inputs) == 2:
       for i in (0, 1):
-        c = _constant(ctx, node.inputs[i])
+        c = constant_value(ctx, node.inputs[i])
         if c is not None and np.size(c) and np.issubdtype(c.dtype, np.floating) \
             and np.all(c <= FILL_AT_MOST) and graph.is_activation(
                 node.inputs[1 - i]):
@@ -85,9 +85,9 @@ def mask_bias_select(ctx, var):
     var = acts[0]
   else:
     return None
-  if _constant(ctx, node.inputs[0]) is not None:
+  if constant_value(ctx, node.inputs[0]) is not None:
     return None                       # a constant mask: folded, handled as such
-  consts = [_constant(ctx, a) for a in node.inputs[1:]]
+  consts = [constant_value(ctx, a) for a in node.inputs[1:]]
   if any(c is None or np.size(c) == 0 or not np.issubdtype(c.dtype,
                                                            np.floating)
          for c in consts):
@@ -113,12 +113,12 @@ class Select(base.OpHandler):
     if len(node.inputs) != 3:
       return None
     for fill, value in ((1, 2), (2, 1)):
-      c = _constant(ctx, node.inputs[fill])
+      c = constant_value(ctx, node.inputs[fill])
       if c is None or np.size(c) == 0 or not ctx.graph.is_activation(
           node.inputs[value]):
         continue
       if np.issubdtype(c.dtype, np.floating) and np.all(c <= FILL_AT_MOST) \
-          and _feeds_softmax(ctx, node.outputs[0]):
+          and feeds_softmax(ctx, node.outputs[0]):
         return fill, value
     return None
 
