@@ -165,7 +165,7 @@ def _cmd_compare(args):
   # Everything that can be checked without the model first: the .tflite,
   # the output paths (then the stats file, in calibrated_entry).
   _check_tflite_file(args.model)
-  for path in (args.json, args.csv, args.model_explorer):
+  for path in (args.json, args.csv, args.model_explorer, args.html):
     if path is not None:
       _check_output_path(path, "compare")
   from qlite.analysis.runner import check_io_fits
@@ -187,6 +187,10 @@ def _cmd_compare(args):
     if path is not None:
       write(path)
       print(f"wrote {path}")
+  if args.html is not None:
+    kw = {} if args.worst is None else {"worst": args.worst}
+    report.to_html(args.html, metric=args.metric, **kw)
+    print(f"wrote {args.html}")
 
 
 def _cmd_inspect(args):
@@ -236,6 +240,8 @@ def main(argv=None) -> int:
   c.add_argument("--csv", help="write the per-layer table as CSV here")
   c.add_argument("--model-explorer", help="write Model Explorer node data "
                  "(per-layer SQNR) here")
+  c.add_argument("--html", help="write a self-contained HTML report (per-"
+                 "layer SQNR / LSB charts, tables) here")
   c.add_argument("--calib-batches", type=_positive, default=32,
                  help="batches to calibrate on (as `qlite export`)")
   c.add_argument("--stats", help="load QuantStats (.npz) instead of "

@@ -1,5 +1,6 @@
 """The compare report: metrics per model output and per activation boundary,
-rendered as text tables, JSON, CSV or Model Explorer node data."""
+rendered as text tables, JSON, CSV, Model Explorer node data or a
+self-contained HTML page (:mod:`qlite.analysis.html`)."""
 
 from __future__ import annotations
 
@@ -244,10 +245,7 @@ class Report:
     Raises:
       QliteError: unknown metric.
     """
-    if worst is None:
-      worst = min(3, max(1, math.ceil(len(self.layers) / 5)))
-    marked = {id(r) for r in self.worst(worst, metric)
-              if r.sqnr(metric) != math.inf}
+    marked = {id(self.layers[i]) for i in self.marked_worst(worst, metric)}
     lines = [f"qlite compare: {self.model} vs {self.tflite}: "
              f"{self.num_samples} LiteRT runs over {self.num_batches} "
              f"batch(es)"]
@@ -293,6 +291,52 @@ class Report:
     else:
       lines.append("unmatched: none")
     return "\n".join(lines)
+
+  def marked_worst(self, worst: int | None = None,
+                   metric: str = "litert_vs_float") -> set[int]:
+    """The indices (into :attr:`layers`) that :meth:`table` and
+    :meth:`to_html` mark as worst.
+
+    Args:
+      worst: how many (default: about 1 in 5 rows, at most 3). Rows with
+        infinite SQNR are never marked.
+      metric: the :data:`LAYER_METRICS` key that ranks the rows.
+
+    Raises:
+      QliteError: unknown metric.
+    """
+    if worst is None:
+      worst = min(3, max(1, math.ceil(len(self.layers) / 5)))
+    index = {id(r): i for i, r in enumerate(self.layers)}
+    return {index[id(r)] for r in self.worst(worst, metric)
+            if r.sqnr(metric) != math.inf}
+
+  def to_html(self, path=None, *, metric: str = "litert_vs_float",
+              worst: int | None = None) -> str:
+    """Renders the report as one self-contained HTML page: the end-to-end
+    figures, a per-layer SQNR chart and a max-LSB chart in graph order
+    (inline SVG; the worst layers in red, the module path on hover) and the
+    per-layer table. Nothing is fetched from the network.
+
+    Example: ``report.to_html("report.html")``, then open it in a browser.
+
+    Args:
+      path: a file to write the page to as well; None writes nothing.
+      metric: the :data:`LAYER_METRICS` key charted and ranked.
+      worst: how many layers to mark (as :meth:`table`).
+
+    Returns:
+      The HTML text.
+
+    Raises:
+      QliteError: unknown metric, or ``path`` cannot be written.
+    """
+    from qlite.analysis import html as html_report
+    check_metric(metric)
+    text = html_report.render(self, metric, worst)
+    if path is not None:
+      _write(path, text)
+    return text
 
   def __str__(self) -> str:
     return self.table()
