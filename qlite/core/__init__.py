@@ -45,6 +45,11 @@ __all__ = [
     "scale_zero_point",
 ]
 
+CALIBRATION_METHODS: tuple[str, ...]  # documented only: __getattr__ serves it
+"""Names of the registered calibration methods (``"minmax"``, ``"mse"``,
+...), read from the registry when accessed, so methods registered later
+(:func:`register_calibration_method`) are included."""
+
 
 def __getattr__(name: str):
   # CALIBRATION_METHODS: a live view of the method registry (PEP 562)

@@ -39,6 +39,8 @@ def _normal_float4_levels(offset: float = 0.9677083) -> np.ndarray:
 
 
 NF4_LEVELS: np.ndarray = _normal_float4_levels()
+"""The 16 NormalFloat4 levels in [-1, 1] (read-only float32 array): an
+``nf4`` value is a uint8 index into it, times the scale."""
 NF4_LEVELS.setflags(write=False)
 
 

@@ -22,8 +22,15 @@ import numpy as np
 
 # Roles of an op in the plan.
 WEIGHTED = "weighted"          # conv / dot_general with a constant operand
+"""Role of an op with a constant weight operand (conv, ``dot_general``):
+the weight is quantized (per output channel) and the output gets its own
+calibrated boundary."""
 PASS_THROUGH = "pass_through"  # runs on int8 at its input's scale
+"""Role of an op that runs on int8 at its input's scale (reshape,
+transpose, slice, max pool): no boundary of its own."""
 COMPUTE = "compute"            # output gets its own calibrated boundary
+"""Role of every other op: its output gets its own calibrated per-tensor
+boundary."""
 
 
 class PlanContext:

@@ -14,8 +14,12 @@ from qlite.ops.base import Registry
 
 FAMILIES = (conv, fully_connected, elementwise, activations, softmax, gelu,
             reductions, resize, shape, normalization, masking, segment)
+"""The op-handler modules, one per op family; each has a ``HANDLERS``
+tuple (the coverage table, ``python -m qlite.ops.coverage``, lists them)."""
 
 REGISTRY = Registry()
+"""The :class:`~qlite.ops.base.Registry` of every handler of
+:data:`FAMILIES`: maps a jax primitive or composite name to its handler."""
 for _module in FAMILIES:
   for _handler in _module.HANDLERS:
     REGISTRY.register(_handler)

@@ -77,6 +77,13 @@ for _m in _methods.BUILTIN:
 get_method = registry.get
 method_names = registry.names
 
+CALIBRATION_METHODS: tuple[str, ...]  # documented only: __getattr__ serves it
+"""Names of the registered calibration methods, read from the registry when
+accessed (includes methods registered later with :func:`register`)."""
+HISTOGRAM_METHODS: tuple[str, ...]  # documented only: __getattr__ serves it
+"""Names of the registered methods that read the logarithmic histograms
+(``"mse"``, ``"quantile"``), read from the registry when accessed."""
+
 
 def __getattr__(name: str):
   # live views of the registry (PEP 562)
