@@ -47,3 +47,15 @@ fuzz: $(STAMP)
 
 zoo: $(STAMP)
 	$(VENV)/bin/qlite zoo
+
+# The documentation site (Sphinx + MyST): guides in docs/*.md, the API
+# reference generated from the docstrings; warnings fail the build.
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html -d docs/_build/doctrees docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"

@@ -1,0 +1,69 @@
+"""Sphinx configuration of the qlite documentation site (``make docs``).
+
+Markdown guides (MyST) plus an API reference generated at build time from
+the docstrings of every public name (``_ext/qlite_api.py`` writes
+``api/*.rst``), and the LiteRT op coverage table generated from the op
+handlers (``python -m qlite.ops.coverage``) into ``_generated/``. Both
+generated folders are rebuilt on every build and ignored by git.
+"""
+
+import os
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE / "_ext"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import qlite  # noqa: E402
+import qlite_api  # noqa: E402
+from qlite.ops import coverage  # noqa: E402
+
+project = "qlite"
+release = version = qlite.__version__
+author = "the qlite authors"
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "_ext", "_generated", "img/*.md", "README.md"]
+
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_class_signature = "separated"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_use_ivar = True     # "Attributes:" as fields: no duplicate of a documented property
+add_module_names = False
+
+html_theme = "sphinx_book_theme"
+html_title = f"qlite {version}"
+html_theme_options = {
+    "show_toc_level": 2,
+    "home_page_in_toc": True,
+}
+html_static_path = []
+
+
+def _generate(app):
+  qlite_api.write_pages(HERE / "api")
+  gen = HERE / "_generated"
+  gen.mkdir(exist_ok=True)
+  table = coverage.table() + "\n"
+  f = gen / "op_coverage.md"
+  if not f.exists() or f.read_text() != table:
+    f.write_text(table)
+
+
+def setup(app):
+  app.connect("builder-inited", _generate)
