@@ -12,6 +12,7 @@ from qlite.litert.runtime import TFLiteRunner
 from qlite.litert.pipeline import (calibrate, export_tflite, export_float_tflite)
 from qlite import annotate
 from qlite import xla
+from qlite import ptq
 from qlite import kernels
 from qlite.qat import QatProvider, QatModel, stats_from_qat
 from qlite.analysis.report import Report
@@ -29,5 +30,5 @@ __all__ = [
     "export_tflite", "export_float_tflite", "annotate", "QatProvider", "xla", "kernels",
     "QatModel", "stats_from_qat",
     "compare", "Report", "find_sensitive_layers", "rules_keeping_float",
-    "metrics",
+    "metrics", "ptq",
 ]

@@ -17,7 +17,7 @@ LAYERS = [
     {"qlite.ops"},
     {"qlite.quant"},
     {"qlite.litert", "qlite.xla", "qlite.annotate"},
-    {"qlite.qat"},
+    {"qlite.qat", "qlite.ptq"},
     {"qlite.analysis"},
     {"qlite.demo", "qlite.zoo", "qlite.cli", "qlite"},
 ]

@@ -1,0 +1,141 @@
+"""``qlite.ptq.optimize``: PTQ algorithms that change the weights before the
+int8 export, then the calibration of the changed model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from qlite.errors import CalibrationError, QliteError
+from qlite.litert.pipeline import calibrate
+from qlite.litert.providers import CalibrationProvider, ConversionProvider
+from qlite.ptq import _graph, adaround, bias_correction, smoothquant
+from qlite.quant.provider import QuantizedModel
+from qlite.rules import QuantizationRule
+
+# In the order they run: float-equivalent rescaling first (it changes the
+# ranges calibration sees), then the rounding, then the bias correction of
+# what error remains.
+ALGORITHMS = ("smoothquant", "adaround", "bias_correction")
+# Chosen by measurement on held-out data (bench/ptq_algorithms.py,
+# bench/RESULTS_ptq.md).
+DEFAULT_ALGORITHMS: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class PtqResult:
+  """What :func:`optimize` returns.
+
+  Attributes:
+    model: the model to export (Linen: the same module; NNX: a new module
+      holding the changed state, the given one is left unchanged).
+    variables: the changed Linen variables (None for NNX).
+    stats: the calibration of the changed model (its fingerprint matches the
+      changed weights: export without ``allow_changed_weights``).
+    report: one line per algorithm and layer saying what changed.
+  """
+  model: Any
+  variables: Any
+  stats: Any
+  report: list[str]
+
+  def export_kwargs(self) -> dict:
+    """``model``, ``stats`` and ``variables`` as keyword arguments of
+    :func:`qlite.export_tflite`."""
+    return dict(model=self.model, stats=self.stats, variables=self.variables)
+
+
+def _check_algorithms(algorithms) -> tuple[str, ...]:
+  if isinstance(algorithms, str):
+    algorithms = (algorithms,)
+  algorithms = tuple(algorithms)
+  bad = [a for a in algorithms if a not in ALGORITHMS]
+  if bad:
+    raise QliteError(f"qlite.ptq.optimize: unknown algorithm(s) {bad}; "
+                     f"choose from {ALGORITHMS}")
+  return tuple(a for a in ALGORITHMS if a in algorithms)
+
+
+def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
+             variables=None, *, algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+             method: str = "minmax", progress: bool = False,
+             smoothquant_alpha: float = 0.5, adaround_iters: int = 300,
+             adaround_batches: int = 4) -> PtqResult:
+  """Applies PTQ ``algorithms`` to the weights and calibrates the result.
+
+  Args:
+    model: a ``flax.linen.Module`` (pass ``variables``) or ``flax.nnx.Module``.
+    rules: the :class:`qlite.QuantizationRule` list of the export.
+    batches: calibration batches (as :func:`qlite.calibrate`); read several
+      times, so an iterator is materialised into a list.
+    variables: the Linen variables; None for NNX.
+    algorithms: any of ``"smoothquant"`` (LayerNorm -> dense scale
+      migration, float-equivalent), ``"adaround"`` (data-driven rounding of
+      conv / dense weights), ``"bias_correction"`` (removes each layer's
+      mean output error via its bias or BatchNorm mean); they run in that
+      order. Empty: plain calibration.
+    method: the calibration method (as :func:`qlite.calibrate`).
+    progress: show calibration progress bars.
+    smoothquant_alpha: migration strength (0: none, 1: all to the weights).
+    adaround_iters: Adam steps per layer.
+    adaround_batches: calibration batches whose layer inputs AdaRound fits
+      on (memory: every layer's input of these batches is held).
+
+  Returns:
+    A :class:`PtqResult`; export with
+    ``qlite.export_tflite(res.model, rules, res.stats, x, variables=res.variables)``.
+
+  Raises:
+    QliteError: an unknown algorithm; the model errors of
+      :func:`qlite.calibrate`.
+    CalibrationError: ``batches`` is empty, or as :func:`qlite.calibrate`.
+  """
+  algorithms = _check_algorithms(algorithms)
+  batches = list(batches)
+  if not batches:
+    raise CalibrationError("qlite.ptq.optimize: `batches` is empty; pass at "
+                           "least one batch of representative inputs")
+  report: list[str] = []
+  args = _graph.as_args(batches[0])
+
+  def leaves_of(m, v):
+    qm = QuantizedModel(m, CalibrationProvider(rules), v)
+    if qm.mf.params is None:
+      raise QliteError(f"{qm.mf.description} is a Linen module: pass "
+                       f"variables=...")
+    return qm, [np.asarray(p) for p in jax.tree.leaves(qm.mf.params)]
+
+  cal = lambda m, v: calibrate(m, rules, batches, variables=v, method=method,
+                               progress=progress)
+  if "smoothquant" in algorithms:
+    qm, leaves = leaves_of(model, variables)
+    graph, plan = qm.traced(args)
+    layers = _graph.weighted_layers(graph, plan, leaves)
+    leaves = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
+                                 report, alpha=smoothquant_alpha)
+    model, variables = _graph.rebuild(model, qm.mf.params, leaves)
+  stats = cal(model, variables)
+  changed = False
+  for name in ("adaround", "bias_correction"):
+    if name not in algorithms:
+      continue
+    provider = ConversionProvider(rules, stats)
+    qm = QuantizedModel(model, provider, variables)
+    leaves = [np.asarray(p) for p in jax.tree.leaves(qm.mf.params)]
+    graph, plan = qm.traced(args)
+    layers = _graph.weighted_layers(graph, plan, leaves)
+    if name == "adaround":
+      leaves = adaround.fit(graph, plan, provider, layers, leaves, batches,
+                            report, iters=adaround_iters,
+                            max_batches=adaround_batches)
+    else:
+      leaves = bias_correction.correct(graph, plan, provider, layers, leaves,
+                                       batches, report)
+    model, variables = _graph.rebuild(model, qm.mf.params, leaves)
+    changed = True
+  if changed:
+    stats = cal(model, variables)
+  return PtqResult(model, variables, stats, report)
