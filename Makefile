@@ -59,3 +59,16 @@ $(DOCS_STAMP): pyproject.toml $(STAMP)
 docs: $(DOCS_STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html -d docs/_build/doctrees docs docs/_build/html
 	@echo "docs: open docs/_build/html/index.html"
+
+# The HTML compare report (examples/compare_html.py: a layer with a wrong
+# scale) rendered by headless Chromium; installs chromium when missing.
+.PHONY: report-screenshot
+CHROMIUM ?= chromium
+report-screenshot: $(STAMP)
+	command -v $(CHROMIUM) >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -q chromium)
+	mkdir -p docs/img
+	$(PY) examples/compare_html.py --html docs/img/compare_report.html
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars \
+	  --window-size=1100,1250 --screenshot=docs/img/compare_report.png \
+	  file://$(CURDIR)/docs/img/compare_report.html

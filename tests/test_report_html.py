@@ -119,7 +119,8 @@ def test_chart_marks_the_wrong_scale_layer_worst(wrong_scale_report,
   c.feed(page)
   assert len(c.rows) == len(rep.layers)
   assert c.rows["row-2"]["class"] == "worst"
-  assert "Conv_1" in c.rows["row-2"]["text"]
+  assert [t.strip() for t in c.rows["row-2"]["text"]][1:3] == ["Conv_1",
+                                                           "worst"]
   assert [k for k, v in c.rows.items() if v["class"] == "worst"] == ["row-2"]
   # The end-to-end figures are on the page.
   e2e = rep.outputs[0].metrics["litert_vs_float"]

@@ -33,8 +33,8 @@ tr.worst td{background:#fde8e6} tr:target td{outline:2px solid #3b6fd8}
 .tag{display:inline-block;padding:0 6px;border-radius:8px;font-size:11px;
  background:#d93a2b;color:#fff}
 .um{color:#9a5b00}
-.chart{overflow-x:auto;border:1px solid #e3e6eb;border-radius:6px;
- padding:6px;margin:4px 0 4px}
+.chart{display:inline-block;max-width:calc(100% - 14px);overflow-x:auto;
+ border:1px solid #e3e6eb;border-radius:6px;padding:6px;margin:4px 0 4px}
 svg text{font:11px system-ui,sans-serif;fill:#3c4452}
 svg .bar{fill:#4c7bd9} svg .bar.worst{fill:#d93a2b}
 svg .bar.inf{fill:#a9c0ee} svg .lsb{fill:#7a8aa6} svg .lsb.worst{fill:#d93a2b}
@@ -120,7 +120,7 @@ _LEFT, _RIGHT, _TOP = 48, 12, 12
 
 
 def _geometry(n: int):
-  step = max(10, min(36, 900 // max(n, 1)))
+  step = max(10, min(64, 900 // max(n, 1)))
   width = _LEFT + _RIGHT + step * max(n, 1)
   return step, width
 
@@ -135,12 +135,20 @@ def _labels(report, step: int, y0: int) -> list[str]:
     if i % every:
       continue
     x = _LEFT + step * i + step / 2
-    name = r.layer if len(r.layer) <= 28 else "..." + r.layer[-25:]
-    label = f"{i} {name}" if n <= 60 else str(i)
+    label = _label(i, r, n)
     out.append(f'<text x="{x:.1f}" y="{y0 + 10}" text-anchor="end" '
                f'transform="rotate(-50 {x:.1f} {y0 + 10})">'
                f"{html.escape(label)}</text>")
   return out
+
+
+def _label(i: int, r, n: int) -> str:
+  """``"<index> <layer>"`` (long paths cut to their end); the index alone
+  for more than 60 layers."""
+  if n > 60:
+    return str(i)
+  name = r.layer if len(r.layer) <= 28 else "..." + r.layer[-25:]
+  return f"{i} {name}"
 
 
 def _tooltip(i: int, r, metric: str) -> str:
@@ -160,7 +168,9 @@ def sqnr_svg(report, metric: str, marked: set[int]) -> str:
   step, width = _geometry(n)
   plot_h = 220
   y0 = _TOP + plot_h
-  height = y0 + 190 if n <= 60 else y0 + 40
+  longest = max((len(_label(i, r, n)) for i, r in enumerate(report.layers)),
+                default=1)
+  height = y0 + 24 + int(5.2 * longest)
   vals = [r.sqnr(metric) for r in report.layers]
   finite = [v for v in vals if v is not None and math.isfinite(v)]
   top = max(10.0, math.ceil((max(finite) if finite else 10.0) / 10) * 10)
@@ -257,8 +267,8 @@ def lsb_svg(report, marked: set[int]) -> str:
 def _layer_table(report, marked: set[int]) -> str:
   e = html.escape
   head = ["#", "layer", "op", "shape", "scale", "fq~float", "lite~float",
-          "lite~fq", "own", "LSB", "LiteRT tensor", ""]
-  left = {1, 2, 3, 10, 11}
+          "lite~fq", "own", "LSB", "LiteRT tensor"]
+  left = {1, 2, 3, 10}
   rows = ["<table id='layers'><tr>" + "".join(
       f"<th{' class=l' if i in left else ''}>{e(h)}</th>"
       for i, h in enumerate(head)) + "</tr>"]
@@ -267,24 +277,26 @@ def _layer_table(report, marked: set[int]) -> str:
     cells += [_db(r.sqnr(k)) for k in ("fakequant_vs_float",
                                        "litert_vs_float",
                                        "litert_vs_fakequant", "own_vs_float")]
+    name = r.tensor_name or ""
     cells += ["-" if r.max_lsb is None else f"{r.max_lsb:.2f}",
-              f"#{r.tensor_index} {r.tensor_name}" if r.matched
-              else "UNMATCHED"]
-    tds = "".join(_td(c, left=j in left,
-                      title=(r.module_path or r.key) if j == 1 else None)
+              (f"#{r.tensor_index} "
+               + (name if len(name) <= 40 else name[:37] + "..."))
+              if r.matched else "UNMATCHED"]
+    titles = {1: r.key, 10: name if r.matched else r.match}
+    tds = "".join(_td(c, left=j in left, title=titles.get(j),
+                      tag=j == 1 and i in marked)
                   for j, c in enumerate(cells))
-    tds += ("<td class=l><span class='tag'>worst</span></td>" if i in marked
-            else "<td></td>")
     cls = " class='worst'" if i in marked else ""
     rows.append(f"<tr id='row-{i}'{cls}>{tds}</tr>")
   rows.append("</table>")
   return "".join(rows)
 
 
-def _td(text: str, left: bool, title: str | None) -> str:
+def _td(text: str, left: bool, title: str | None, tag: bool = False) -> str:
   attrs = (" class=l" if left else "") + (
       "" if title is None else f' title="{html.escape(title)}"')
-  return f"<td{attrs}>{html.escape(text)}</td>"
+  mark = " <span class='tag'>worst</span>" if tag else ""
+  return f"<td{attrs}>{html.escape(text)}{mark}</td>"
 
 
 def _db(x) -> str:
