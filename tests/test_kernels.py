@@ -154,24 +154,22 @@ print("mismatches", bad)
 print("isa_counts", json.dumps(T.cpu_kernels.isa_counts()))
 """
 
-# Per variant: its environment, the paths that must run (each at least
-# once, and no other path), and the least the CPU must support (cpu_isa()).
+# Variants read from the environment (once per process, so each runs in a
+# subprocess): its environment, the paths that must run (each at least
+# once, and no other path), and the CPU feature it needs (cpu_features()).
 # Every _KERNEL_CASES shape suits the SIMD paths (K tiles of 32 / 64), so
 # scalar runs only when forced.
+# (The families themselves, scalar / avx2 / avx512bw ..., are forced
+# in-process: test_cpu_kernel_families_exact.)
 _ISA_VARIANTS = {
-    "scalar": ({"QLITE_CPU_KERNELS_ISA": "scalar"}, {"scalar"}, "scalar"),
-    "bw": ({"QLITE_CPU_KERNELS_ISA": "bw"}, {"bw"}, "bw"),
-    "vnni16": ({"QLITE_CPU_KERNELS_ISA": "vnni16"}, {"vnni16"}, "gemm"),
+    "vnni16": ({"QLITE_CPU_KERNELS_ISA": "vnni16"}, {"vnni16"}, "vnni"),
     # dot forms only: u8 x s8 for int8 rows (M >= 4, K tile % 64 == 0),
     # the int16 form for the rest
-    "dot": ({"QLITE_CPU_KERNELS_ISA": "dot"}, {"vnni16", "vnni_u8"}, "gemm"),
+    "dot": ({"QLITE_CPU_KERNELS_ISA": "dot"}, {"vnni16", "vnni_u8"}, "vnni"),
     # the GEMM form from 1 row on, for every case
-    "gemm": ({"QLITE_CPU_KERNELS_GEMM_M": "1"}, {"gemm"}, "gemm"),
-    # no override: GEMM from 16 (int8) / 128 (int16) rows, dot forms below
-    "default": ({}, {"vnni16", "vnni_u8", "gemm"}, "gemm"),
+    "gemm": ({"QLITE_CPU_KERNELS_ISA": "vnni", "QLITE_CPU_KERNELS_GEMM_M": "1"},
+             {"gemm"}, "vnni"),
 }
-
-
 @pytest.mark.skipif(not cpu_kernels.available(),
                     reason="qlite CPU kernels not built")
 @pytest.mark.parametrize("isa", list(_ISA_VARIANTS))
@@ -185,11 +183,8 @@ def test_cpu_kernel_isa_variants_exact(isa):
   import subprocess
   import sys
   env_over, expected, needs = _ISA_VARIANTS[isa]
-  order = cpu_kernels.ISA_NAMES
-  have = cpu_kernels.cpu_isa()
-  if order.index(have) < order.index(needs):
-    pytest.skip(f"this CPU runs up to the {have!r} path; {isa!r} needs "
-                f"{needs!r}")
+  if not cpu_kernels.cpu_features().get(needs):
+    pytest.skip(f"this CPU lacks {needs!r}, which the {isa!r} path needs")
   env = {k: v for k, v in os.environ.items()
          if k not in ("QLITE_CPU_KERNELS_ISA", "QLITE_CPU_KERNELS_GEMM_M",
                       "QLITE_CPU_KERNELS")}
@@ -202,3 +197,168 @@ def test_cpu_kernel_isa_variants_exact(isa):
   counts = json.loads(out.stdout.split("isa_counts", 1)[1])
   assert sum(counts.values()) == 2 * len(_KERNEL_CASES), counts
   assert {k for k, v in counts.items() if v} == expected, counts
+
+
+# The path each family takes for int8 / int16 activations on the
+# _KERNEL_CASES shapes (the VNNI family picks its sub-path per case).
+_FAMILY_PATHS = {
+    "scalar": {"scalar"}, "avx2": {"avx2"}, "avxvnni": {"avxvnni"},
+    "avx512bw": {"bw"}, "vnni": {"vnni16", "vnni_u8", "gemm"},
+    "neon": {"neon", "neon_dotprod", "neon_i8mm"},
+}
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+@pytest.mark.parametrize("fam", cpu_kernels.FAMILIES)
+def test_cpu_kernel_families_exact(fam):
+  """Every family this CPU supports, forced in-process with use_isa (the
+  family is an FFI attribute fixed at trace time), gives the exact int32
+  sums of the scalar reference, and only that family's paths ran."""
+  if not cpu_kernels.cpu_features().get(fam):
+    pytest.skip(f"this CPU lacks the {fam!r} instructions")
+  before = cpu_kernels.isa_counts()
+  with cpu_kernels.use_isa(fam):
+    for case in _KERNEL_CASES:
+      for act in ("int8", "int16"):
+        a, w = _kernel_case(*case, act)
+        got = np.asarray(_kernel_run(a, w, case[3], case[4]))
+        np.testing.assert_array_equal(got, _int_ref(a, w, case[3]),
+                                      err_msg=f"{fam} {case} {act}")
+  after = cpu_kernels.isa_counts()
+  ran = {k for k in after if after[k] != before[k]}
+  assert sum(after.values()) - sum(before.values()) == 2 * len(_KERNEL_CASES)
+  assert ran and ran <= _FAMILY_PATHS[fam], ran
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+def test_cpu_kernel_odd_shapes_use_scalar_exactly():
+  """K tiles that are not multiples of 32 (int8) take the scalar path in
+  every family, still exact."""
+  rng = np.random.default_rng(7)
+  a = rng.integers(-128, 128, (3, 48)).astype(np.int8)
+  w = rng.integers(-128, 128, (10, 48)).astype(np.int8)
+  for fam in cpu_kernels.FAMILIES:
+    if not cpu_kernels.cpu_features().get(fam):
+      continue
+    before = cpu_kernels.isa_counts()["scalar"]
+    with cpu_kernels.use_isa(fam):
+      got = np.asarray(_kernel_run(a, w, 1, 8))
+    np.testing.assert_array_equal(got, _int_ref(a, w, 1))
+    assert cpu_kernels.isa_counts()["scalar"] == before + 1, fam
+
+
+def test_use_isa_rejects_unknown_and_unsupported():
+  from qlite.errors import QliteError
+  with pytest.raises(QliteError, match="unknown CPU kernel family 'sse9'"):
+    with cpu_kernels.use_isa("sse9"):
+      pass
+  if cpu_kernels.available():
+    missing = [f for f, ok in cpu_kernels.cpu_features().items()
+               if not ok and f in cpu_kernels.FAMILIES]
+    if missing:
+      with pytest.raises(QliteError, match="does not support"):
+        with cpu_kernels.use_isa(missing[0]):
+          pass
+
+
+def test_env_isa_bad_value_is_named(monkeypatch):
+  from qlite.errors import QliteError
+  if not cpu_kernels.available():
+    pytest.skip("qlite CPU kernels not built")
+  monkeypatch.setenv("QLITE_CPU_KERNELS_ISA", "avx9000")
+  cpu_kernels._env_family.cache_clear()
+  try:
+    # the old names still work: bw = avx512bw, dot / vnni16 = vnni
+    for env, fam in (("bw", "avx512bw"), ("dot", "vnni"), ("scalar",
+                                                           "scalar")):
+      if cpu_kernels.cpu_features().get(fam):
+        monkeypatch.setenv("QLITE_CPU_KERNELS_ISA", env)
+        cpu_kernels._env_family.cache_clear()
+        assert cpu_kernels.family() == fam
+        assert cpu_kernels.info()["family_reason"] == \
+            f"QLITE_CPU_KERNELS_ISA={env}"
+    monkeypatch.setenv("QLITE_CPU_KERNELS_ISA", "avx9000")
+    cpu_kernels._env_family.cache_clear()
+    with pytest.raises(QliteError, match="QLITE_CPU_KERNELS_ISA='avx9000'"):
+      cpu_kernels.family()
+  finally:
+    monkeypatch.delenv("QLITE_CPU_KERNELS_ISA")
+    cpu_kernels._env_family.cache_clear()
+
+
+def test_plan_follows_the_crossover_table():
+  """plan() uses the kernel up to the measured row count of the family and
+  XLA above it; a family whose kernel never won sends the dot to XLA."""
+  if not cpu_kernels.available():
+    pytest.skip("qlite CPU kernels not built")
+  for fam, table in cpu_kernels.KERNEL_MAX_ROWS.items():
+    for (act, weight), limit in table.items():
+      limit = min(limit, cpu_kernels.MAX_M)
+      if limit >= 1:
+        ok, why = cpu_kernels.plan(limit, act, weight, fam)
+        assert ok and fam in why, (fam, act, weight, why)
+      ok, why = cpu_kernels.plan(limit + 1, act, weight, fam)
+      assert not ok and why.startswith("XLA"), (fam, act, weight, why)
+
+
+def test_info_reports_family_paths_and_reasons():
+  d = cpu_kernels.info()
+  assert d["backend"] == "cpu"
+  if not d["built"]:
+    assert d["family"] is None and "not built" in d["family_reason"]
+    return
+  assert d["best_family"] in cpu_kernels.FAMILIES
+  assert d["cpu_features"][d["best_family"]] is True
+  assert len(d["paths"]) == 4
+  with cpu_kernels.use_isa("scalar"):
+    d = cpu_kernels.info()
+  assert d["family"] == "scalar" and d["family_reason"] == "use_isa() override"
+  by_kind = {p["kind"]: p for p in d["paths"]}
+  lim = cpu_kernels.KERNEL_MAX_ROWS["scalar"][("int8", "int8")]
+  p = by_kind["w8a8 int8 weights"]
+  if lim <= 0:
+    assert p["path"] == "XLA" and "slower than XLA" in p["why"]
+  else:
+    assert p["kernel_rows"] == (1, lim)
+  with cpu_kernels.use_isa("off"):
+    d = cpu_kernels.info()
+  assert d["family"] is None
+  assert all(p["path"] == "XLA" for p in d["paths"])
+  text = cpu_kernels.format_info(d)
+  assert "family in use: none (XLA only)" in text
+
+
+@pytest.mark.skipif(not cpu_kernels.available(),
+                    reason="qlite CPU kernels not built")
+def test_quantized_dot_routes_by_plan():
+  """A quantized dot runs the kernel exactly when plan() says so, for the
+  family it was traced under, and gives the same int8 result either way."""
+  import jax
+  from qlite import xla
+  from qlite.core import quantize
+  from qlite.xla import matmul
+  dn = (((1,), (0,)), ((), ()))
+  rng = np.random.default_rng(5)
+  k, n = 256, 64
+  qw = quantize(rng.standard_normal((k, n)).astype(np.float32), "int8",
+                channel_axes=(1,), narrow_range=True)
+  pw = matmul.pack_weight(qw, dn, 2, 1)
+  for fam in ("scalar", cpu_kernels.cpu_isa()):
+    limit = cpu_kernels.KERNEL_MAX_ROWS[fam][("int8", "int8")]
+    for m in (1, 64):
+      x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+      with cpu_kernels.use_isa(fam):
+        f = jax.jit(lambda x, w: xla.quantized_dot(
+            x, w, dn, 1, mode="drq", act_qtype="int8"))
+        before = sum(cpu_kernels.isa_counts().values())
+        y = np.asarray(f(x, pw))
+      ran = sum(cpu_kernels.isa_counts().values()) - before
+      # m == 1 without the kernel pads to 2 rows, which may still fit it
+      want = m <= limit or (m == 1 and limit >= 2)
+      assert ran == int(want), (fam, m, ran, limit)
+      with cpu_kernels.use_isa("off"):
+        y_x = np.asarray(jax.jit(lambda x, w: xla.quantized_dot(
+            x, w, dn, 1, mode="drq", act_qtype="int8"))(x, pw))
+      np.testing.assert_allclose(y, y_x, rtol=1e-5, atol=1e-5)

@@ -24,15 +24,30 @@ The extension is built by ``pip install -e .`` (``setup.py``); when it is
 missing (or the backend is not CPU) :func:`available` is False and callers
 use XLA. ``QLITE_CPU_KERNELS=0`` disables it.
 
-The path is chosen per call (CPU features, shape, M);
-``QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16|dot`` caps it and
-``QLITE_CPU_KERNELS_GEMM_M`` sets the row count from which the GEMM form
-runs (both read once per process). :func:`isa_counts` says which paths ran,
-:func:`cpu_isa` what the CPU supports.
+**Instruction-set families** (:data:`FAMILIES`): ``scalar`` (portable C++),
+``avx2`` (``vpmaddwd``), ``avxvnni`` (256-bit ``vpdpwssd``), ``avx512bw``,
+``vnni`` (AVX-512 VNNI: dot forms + GEMM form), ``neon`` (aarch64:
+``vmlal`` / ``sdot`` / ``smmla`` by what the CPU has). The family is the
+best this CPU supports unless ``QLITE_CPU_KERNELS_ISA`` names one (read once
+per process; ``bw`` / ``vnni16`` / ``dot`` are kept: ``bw`` = ``avx512bw``,
+``vnni16`` / ``dot`` cap the VNNI family's sub-paths) or :func:`use_isa`
+forces one for the dots traced inside it. It travels to the kernel as an FFI
+attribute, so jitted functions traced under different families can run side
+by side.
+
+**Never slower than XLA** (:func:`plan`): per family, activation kind
+(int8, or int16 for weight-only) and weight kind (int8 / int4), the kernel
+is used only for the row counts where it measured faster than XLA's own
+path on the same dot (:data:`KERNEL_MAX_ROWS`, from ``python
+bench/xla_ptq.py --crossover``; ``docs/xla_cpu_paths.md``); otherwise the
+caller (``qlite.xla.matmul``) runs XLA. :func:`info` reports the family,
+the CPU features, and each path in use with the reason; ``qlite doctor``
+prints it. :func:`isa_counts` says which kernel paths ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -40,14 +55,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlite.errors import QliteError
+
 __all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
            "int4_packable", "int16_act_max", "isa_counts", "cpu_isa",
-           "ISA_NAMES", "MAX_M"]
+           "cpu_features", "family", "use_isa", "plan", "info", "FAMILIES",
+           "ISA_NAMES", "KERNEL_MAX_ROWS", "MAX_M"]
 
-# Largest M (activation rows of one dot) routed to the kernel; above it XLA
-# (YNNPACK) is used. The GEMM form keeps the same per-row cost at any M
-# (the `python bench/xla_ptq.py` micro table has M = 1, 64 and 512).
+# Largest M (activation rows of one dot) routed to the kernel whatever the
+# table below says; above it XLA is used.
 MAX_M = 4096
+
+# Instruction-set families, in the order of the kernel's `isa` attribute.
+FAMILIES = ("scalar", "avx2", "avxvnni", "avx512bw", "vnni", "neon")
+
+# The kernel's paths, in the order of its path codes (isa_counts): scalar;
+# AVX-512BW int16 dot; AVX-512 VNNI int16 dot (vpdpwssd); VNNI u8 x s8 dot
+# (vpdpbusd, int8 activations); VNNI GEMM form (packed weight panels); AVX2
+# int16 dot (vpmaddwd); AVX-VNNI int16 dot (ymm vpdpwssd); NEON (vmlal /
+# vmull + vpadal); NEON sdot; NEON smmla (i8mm).
+ISA_NAMES = ("scalar", "bw", "vnni16", "vnni_u8", "gemm", "avx2", "avxvnni",
+             "neon", "neon_dotprod", "neon_i8mm")
+
+# QLITE_CPU_KERNELS_ISA values -> family ("off": kernels off).
+_ENV_FAMILY = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avxvnni",
+               "avx512bw": "avx512bw", "bw": "avx512bw", "vnni": "vnni",
+               "vnni16": "vnni", "dot": "vnni", "gemm": "vnni",
+               "neon": "neon", "off": None}
+
+# Never slower than XLA: per family, (activation, weight) -> the largest
+# activation row count M of one dot for which the kernel measured faster
+# than XLA's own path on that dot (0: never). Activation "int16" is the
+# weight-only route (one int16 row per activation row; XLA's alternative is
+# two int8 digit rows), "int8" DRQ / SRQ. Measured with `python
+# bench/xla_ptq.py --crossover` (dot-level, layers of the bench MLP and
+# transformer block, every family forced in one process, side by side);
+# the figures and the run are in docs/xla_cpu_paths.md. Families not
+# measured on this machine (neon) keep the conservative dot-form bound.
+KERNEL_MAX_ROWS = {
+    "scalar": {("int16", "int8"): 1, ("int16", "int4"): 1,
+               ("int8", "int8"): 0, ("int8", "int4"): 1},
+    "avx2": {("int16", "int8"): 8, ("int16", "int4"): 8,
+             ("int8", "int8"): 4, ("int8", "int4"): 8},
+    "avxvnni": {("int16", "int8"): 8, ("int16", "int4"): 8,
+                ("int8", "int8"): 4, ("int8", "int4"): 8},
+    "avx512bw": {("int16", "int8"): 16, ("int16", "int4"): 16,
+                 ("int8", "int8"): 8, ("int8", "int4"): 16},
+    "vnni": {("int16", "int8"): MAX_M, ("int16", "int4"): MAX_M,
+             ("int8", "int8"): MAX_M, ("int8", "int4"): MAX_M},
+    "neon": {("int16", "int8"): 8, ("int16", "int4"): 8,
+             ("int8", "int8"): 8, ("int8", "int4"): 8},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,34 +121,175 @@ def _load() -> bool:
   return True
 
 
+def _module():
+  if not _load():
+    raise RuntimeError("qlite CPU kernels are not built")
+  from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
+  return _cpu_kernels
+
+
 def available() -> bool:
-  """True when the compiled kernels are loaded and the backend is CPU."""
-  return jax.default_backend() == "cpu" and _load()
-
-
-# The kernel's paths, in the order of its Isa() codes: scalar, AVX-512BW
-# int16 dot, AVX-512 VNNI int16 dot (vpdpwssd), VNNI u8 x s8 dot (vpdpbusd,
-# int8 activations), VNNI GEMM form (packed weight panels).
-ISA_NAMES = ("scalar", "bw", "vnni16", "vnni_u8", "gemm")
+  """True when the compiled kernels are loaded, the backend is CPU and the
+  kernels are not turned off (``QLITE_CPU_KERNELS_ISA=off`` or
+  ``use_isa("off")``)."""
+  return jax.default_backend() == "cpu" and _load() and family() is not None
 
 
 def isa_counts() -> dict[str, int]:
   """Kernel calls per path (:data:`ISA_NAMES`) in this process so far.
   Requires the extension (see :func:`available`)."""
-  if not _load():
-    raise RuntimeError("qlite CPU kernels are not built")
-  from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
-  return dict(zip(ISA_NAMES, _cpu_kernels.isa_counts()))
+  return dict(zip(ISA_NAMES, _module().isa_counts()))
 
 
 def cpu_isa() -> str:
-  """The best path this CPU supports: ``"scalar"``, ``"bw"`` (AVX-512BW,
-  no VNNI) or ``"gemm"`` (AVX-512 VNNI: every path). Requires the
+  """The best family (:data:`FAMILIES`) this CPU supports. Requires the
   extension."""
+  return FAMILIES[_module().cpu_isa()]
+
+
+def cpu_features() -> dict[str, bool]:
+  """``{family: supported}`` for every family (plus ``neon_dotprod`` /
+  ``neon_i8mm`` on aarch64), read from the CPU at run time. Requires the
+  extension."""
+  return dict(_module().cpu_features())
+
+
+def _check_family(name, where):
+  if name is not None and name not in FAMILIES:
+    raise QliteError(
+        f"{where}: unknown CPU kernel family {name!r}; use one of "
+        f"{', '.join(FAMILIES)} or 'off'")
+  if name is not None and _load() and not cpu_features().get(name, False):
+    raise QliteError(
+        f"{where}: this CPU does not support the {name!r} kernels (it "
+        f"supports {', '.join(f for f, ok in cpu_features().items() if ok and f in FAMILIES)}); "
+        f"pick one of those or unset it")
+
+
+@functools.lru_cache(maxsize=None)
+def _env_family() -> tuple[str | None, str]:
+  """(family, where it came from) from the environment, read once."""
+  e = os.environ.get("QLITE_CPU_KERNELS_ISA")
+  if e is None or e == "":
+    return (cpu_isa() if _load() else None), "best this CPU supports"
+  if e not in _ENV_FAMILY:
+    raise QliteError(
+        f"QLITE_CPU_KERNELS_ISA={e!r} is not a CPU kernel family; use one "
+        f"of {', '.join(sorted(_ENV_FAMILY))}")
+  fam = _ENV_FAMILY[e]
+  _check_family(fam, f"QLITE_CPU_KERNELS_ISA={e}")
+  return fam, f"QLITE_CPU_KERNELS_ISA={e}"
+
+
+_FORCED: list = []
+
+
+def family() -> str | None:
+  """The kernel family dots traced now use (None: kernels off or not
+  built): the innermost :func:`use_isa`, else ``QLITE_CPU_KERNELS_ISA``,
+  else the best this CPU supports."""
+  if _FORCED:
+    return _FORCED[-1]
   if not _load():
-    raise RuntimeError("qlite CPU kernels are not built")
-  from qlite.kernels import _cpu_kernels   # pylint: disable=import-outside-toplevel
-  return ISA_NAMES[_cpu_kernels.cpu_isa()]
+    return None
+  return _env_family()[0]
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+  """Forces the kernel family (:data:`FAMILIES`, or ``"off"`` / None for
+  XLA only) for the dots *traced* inside the block (a jitted function keeps
+  the family it was traced with). For benchmarks and tests; raises
+  :class:`qlite.errors.QliteError` when the CPU lacks the family."""
+  name = None if name in (None, "off") else name
+  _check_family(name, "use_isa")
+  _FORCED.append(name)
+  try:
+    yield
+  finally:
+    _FORCED.pop()
+
+
+def plan(m: int, act: str = "int8", weight: str = "int8",
+         fam: str | None = None) -> tuple[bool, str]:
+  """Whether a dot with ``m`` activation rows (``act`` "int8" or "int16",
+  ``weight`` "int8" or "int4") runs the kernel under family ``fam``
+  (default: :func:`family`), and why. False means XLA's own path."""
+  if fam is None:
+    fam = family()
+  if fam is None or jax.default_backend() != "cpu" or not _load():
+    return False, "kernels off or not built: XLA"
+  limit = min(KERNEL_MAX_ROWS[fam][(act, weight)], MAX_M)
+  if m <= limit:
+    return True, (f"{fam} kernel beats XLA up to {limit} rows "
+                  f"({act} act x {weight} weight)")
+  return False, (f"XLA: {m} rows > {limit}, where the {fam} kernel stops "
+                 f"beating XLA ({act} act x {weight} weight)")
+
+
+def use_kernel(m: int, act: str = "int8", weight: str = "int8") -> bool:
+  """:func:`plan`'s decision alone (called at trace time by
+  ``qlite.xla.matmul``)."""
+  return plan(m, act, weight)[0]
+
+
+def info() -> dict:
+  """What the CPU kernels do on this machine: ``built``, ``backend``,
+  ``cpu_features``, the best family, the ``family`` in use and why, and
+  ``paths``: for each (activation, weight) kind the row range that runs
+  the kernel and the reason, from :data:`KERNEL_MAX_ROWS`."""
+  built = _load()
+  out = {"built": built, "backend": jax.default_backend(),
+         "cpu_features": cpu_features() if built else {},
+         "best_family": cpu_isa() if built else None}
+  if not built:
+    why = ("QLITE_CPU_KERNELS=0" if os.environ.get("QLITE_CPU_KERNELS") ==
+           "0" else "extension not built (pip install -e . builds it)")
+    out.update(family=None, family_reason=why, paths=[])
+    return out
+  fam = family()
+  out["family"] = fam
+  out["family_reason"] = ("use_isa() override" if _FORCED else
+                          _env_family()[1])
+  paths = []
+  for (act, weight) in (("int16", "int8"), ("int16", "int4"),
+                        ("int8", "int8"), ("int8", "int4")):
+    kind = ("weight-only" if act == "int16" else "w8a8") + \
+        f" {weight} weights"
+    if fam is None or out["backend"] != "cpu":
+      paths.append(dict(kind=kind, kernel_rows=None, path="XLA",
+                        why="kernels off" if fam is None else
+                        f"backend {out['backend']}: XLA"))
+      continue
+    limit = min(KERNEL_MAX_ROWS[fam][(act, weight)], MAX_M)
+    if limit <= 0:
+      paths.append(dict(kind=kind, kernel_rows=None, path="XLA",
+                        why=f"the {fam} kernel measured slower than XLA at "
+                        "every row count"))
+    else:
+      paths.append(dict(
+          kind=kind, kernel_rows=(1, limit),
+          path=f"{fam} kernel for 1-{limit} rows, XLA above",
+          why=f"measured crossover of the {fam} kernel vs XLA "
+          "(docs/xla_cpu_paths.md)"))
+  out["paths"] = paths
+  return out
+
+
+def format_info(d: dict | None = None) -> str:
+  """:func:`info` as text (what ``qlite doctor`` prints)."""
+  d = info() if d is None else d
+  lines = [f"qlite CPU kernels: {'built' if d['built'] else 'not built'}",
+           f"backend: {d['backend']}"]
+  if d["cpu_features"]:
+    lines.append("cpu: " + ", ".join(
+        f"{k}={'yes' if v else 'no'}" for k, v in d["cpu_features"].items()))
+    lines.append(f"best family: {d['best_family']}")
+  lines.append(f"family in use: {d['family'] or 'none (XLA only)'} "
+               f"({d['family_reason']})")
+  for p in d["paths"]:
+    lines.append(f"  {p['kind']}: {p['path']} -- {p['why']}")
+  return "\n".join(lines) + "\n"
 
 
 def int4_packable(k: int, tile: int | None = None) -> bool:
@@ -125,24 +324,24 @@ def _act(a):
 
 
 def _call(target, a, w, tiles: int):
-  m, k = a.shape
+  _module()
+  m, _ = a.shape
   n = w.shape[0]
+  fam = family()
+  # kernels "off" still lets a direct call run: the best family
+  code = FAMILIES.index(fam) if fam is not None else -1
   out = jax.ShapeDtypeStruct((m, tiles, n), jnp.int32)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      a, w, tiles=np.int64(tiles))
+      a, w, tiles=np.int64(tiles), isa=np.int64(code))
 
 
 def int8_dot_nk(a, w, tiles: int = 1):
   """``int32 [M, T, N]``: per K-tile sums of ``a [M, K] . w int8 [N, K]``;
   ``a`` int16 stays int16 (caller keeps it within :func:`int16_act_max`),
   anything else is cast to int8. Requires :func:`available`."""
-  if not _load():
-    raise RuntimeError("qlite CPU kernels are not built")
   return _call("qlite_i8_dot_nk", _act(a), w, tiles)
 
 
 def int4_dot_nk(a, w_packed, tiles: int = 1):
   """As :func:`int8_dot_nk` with ``w_packed`` from :func:`pack_int4_nk`."""
-  if not _load():
-    raise RuntimeError("qlite CPU kernels are not built")
   return _call("qlite_i4_dot_nk", _act(a), w_packed, tiles)

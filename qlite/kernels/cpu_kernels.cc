@@ -29,10 +29,19 @@
 // of 64 values along K, byte i (0..31) of the block holds value i in its low
 // nibble and value i + 32 in its high nibble (two's complement nibbles).
 //
-// The AVX-512BW path is chosen at run time; a portable
-// scalar path gives the same (exact) results elsewhere. The module's
-// isa_counts() reports how many calls took each path, cpu_isa() what the
-// CPU supports.
+// Instruction-set families (the FFI attribute `isa`, chosen by
+// qlite/kernels/cpu.py): 0 scalar, 1 AVX2 (vpmaddwd), 2 AVX-VNNI (256-bit
+// vpdpwssd), 3 AVX-512BW, 4 AVX-512 VNNI (dot forms + GEMM form), 5 NEON
+// (aarch64: vmlal / sdot / smmla, cpu_kernels_neon.h); -1 = the best this
+// CPU supports. A family the CPU lacks is refused with an error (never an
+// illegal instruction). Every path gives the same exact int32 sums as the
+// portable scalar path (cpu_kernels_core.h). The module's isa_counts()
+// reports how many calls took each path, cpu_isa() the best family,
+// cpu_features() the CPU features read at run time.
+//
+// The SIMD code uses GCC / Clang syntax (function target attributes,
+// __builtin_cpu_supports, inline asm): it is compiled only under
+// __GNUC__; other compilers (MSVC) build the scalar path alone.
 
 #include <Python.h>
 
@@ -46,27 +55,21 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_kernels_core.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #include <immintrin.h>
 #define QLITE_X86 1
+#endif
+#if defined(__aarch64__) && defined(__GNUC__)
+#include "cpu_kernels_neon.h"
+#define QLITE_ARM 1
 #endif
 
 namespace ffi = xla::ffi;
 
+namespace qlite_kernels {
 namespace {
-
-struct Problem {
-  const int16_t* a;   // [M, K] int16 (int8 activations are widened once per
-                      // call for the dot form), or null
-  const uint8_t* au8; // [M, K] int8 activations + 128 (VNNI u8 path), or null
-  const int8_t* a8;   // [M, K] int8 activations (GEMM form), or null
-  const int32_t* asum;  // [M, T] sums of a8 per K tile (GEMM form)
-  const uint8_t* w;   // [N, K] int8, or [N, K/2] packed int4
-  int32_t* out;       // [M, T, N]
-  int64_t m, k, n, t;
-  bool int4;
-};
 
 // Activation rows from which the VNNI GEMM form (packed weight panels) is
 // used, for int8 and for int16 activations. Measured (CPU time per call,
@@ -82,34 +85,6 @@ const int64_t kGemmEnvM = [] {
 int64_t GemmMinM(bool int8_act) {
   if (kGemmEnvM > 0) return kGemmEnvM;
   return int8_act ? 16 : 128;
-}
-
-// ---------------------------------------------------------------- scalar --
-inline int8_t Nibble(uint8_t byte, bool high) {
-  int v = high ? (byte >> 4) : (byte & 0xF);
-  return static_cast<int8_t>(v >= 8 ? v - 16 : v);
-}
-
-inline int8_t WeightAt(const Problem& p, int64_t row, int64_t kk) {
-  if (!p.int4) return static_cast<int8_t>(p.w[row * p.k + kk]);
-  const uint8_t* r = p.w + row * (p.k / 2);
-  int64_t block = kk / 64, i = kk % 64;
-  return Nibble(r[block * 32 + (i % 32)], i >= 32);
-}
-
-void RangeScalar(const Problem& p, int64_t n0, int64_t n1) {
-  const int64_t tk = p.k / p.t;
-  for (int64_t j = n0; j < n1; ++j) {
-    for (int64_t mi = 0; mi < p.m; ++mi) {
-      const int16_t* a = p.a + mi * p.k;
-      for (int64_t ti = 0; ti < p.t; ++ti) {
-        int32_t acc = 0;
-        for (int64_t kk = ti * tk; kk < (ti + 1) * tk; ++kk)
-          acc += static_cast<int32_t>(a[kk]) * WeightAt(p, j, kk);
-        p.out[(mi * p.t + ti) * p.n + j] = acc;
-      }
-    }
-  }
 }
 
 #ifdef QLITE_X86
@@ -202,7 +177,7 @@ QLITE_TGT void Rows4I8(const Problem& p, int64_t j, int8_t* buf,
 }
 
 template <int RM>
-QLITE_TGT inline void Block4U8(const Problem& p, const int8_t* const w[4],
+QLITE_TGT void Block4U8(const Problem& p, const int8_t* const* w,
                                const int32_t* wsum, int64_t j, int64_t m0) {
   const int64_t tk = p.k / p.t;
   for (int64_t ti = 0; ti < p.t; ++ti) {
@@ -230,6 +205,12 @@ QLITE_TGT inline void Block4U8(const Problem& p, const int8_t* const w[4],
   }
 }
 
+using U8BlockFn = void (*)(const Problem&, const int8_t* const*,
+                          const int32_t*, int64_t, int64_t);
+constexpr U8BlockFn kU8Blocks[kRows + 1] = {
+    nullptr, &Block4U8<1>, &Block4U8<2>, &Block4U8<3>, &Block4U8<4>,
+    &Block4U8<5>, &Block4U8<6>};
+
 QLITE_TGT void RangeU8(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t tk = p.k / p.t;
   std::vector<int8_t> buf(p.int4 ? 4 * p.k : 0);
@@ -249,17 +230,7 @@ QLITE_TGT void RangeU8(const Problem& p, int64_t n0, int64_t n1) {
             s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w[c] + kk));
           wsum[c * p.t + ti] = _mm512_reduce_add_epi32(s);
         }
-      int64_t m0 = c0;
-      for (; m0 + kRows <= c1; m0 += kRows)
-        Block4U8<kRows>(p, w, wsum.data(), j, m0);
-      switch (c1 - m0) {
-        case 5: Block4U8<5>(p, w, wsum.data(), j, m0); break;
-        case 4: Block4U8<4>(p, w, wsum.data(), j, m0); break;
-        case 3: Block4U8<3>(p, w, wsum.data(), j, m0); break;
-        case 2: Block4U8<2>(p, w, wsum.data(), j, m0); break;
-        case 1: Block4U8<1>(p, w, wsum.data(), j, m0); break;
-        default: break;
-      }
+      RowBlocks<kRows>(kU8Blocks, c0, c1, p, w, wsum.data(), j);
     }
   }
   if ((n1 - n0) % 4) RangeScalar(p, n1 - (n1 - n0) % 4, n1);
@@ -267,6 +238,33 @@ QLITE_TGT void RangeU8(const Problem& p, int64_t n0, int64_t n1) {
 #undef QLITE_TGT
 }  // namespace vnni
 
+// AVX2 dot form (cpu_kernels_avx2.inc): vpmaddwd + vpaddd; with AVX-VNNI
+// the 256-bit vpdpwssd (VEX encoded) fuses the two.
+namespace avx2 {
+#define QLITE_TGT __attribute__((target("avx2")))
+#define QLITE_MADD(acc, x, w) \
+  _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+#include "cpu_kernels_avx2.inc"
+#undef QLITE_TGT
+#undef QLITE_MADD
+}  // namespace avx2
+
+namespace avxvnni {
+#define QLITE_TGT __attribute__((target("avx2,avxvnni")))
+#define QLITE_MADD(acc, x, w) _mm256_dpwssd_avx_epi32(acc, x, w)
+#include "cpu_kernels_avx2.inc"
+#undef QLITE_TGT
+#undef QLITE_MADD
+}  // namespace avxvnni
+
+bool HasAvx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+bool HasAvxVnni() {
+  static const bool ok = HasAvx2() && __builtin_cpu_supports("avxvnni");
+  return ok;
+}
 bool HasAvx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw");
@@ -276,88 +274,118 @@ bool HasVnni() {
   static const bool ok = HasAvx512() && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
-#endif
+#endif  // QLITE_X86
 
-bool SimdShapeOk(const Problem& p) {
-  const int64_t tk = p.k / p.t;
-  return p.int4 ? (tk % 64 == 0) : (tk % 32 == 0);
-}
+// Instruction-set families (the `isa` attribute; qlite/kernels/cpu.py
+// FAMILIES has the same order).
+enum Family : int {
+  kFamScalar = 0, kFamAvx2 = 1, kFamAvxVnni = 2, kFamAvx512Bw = 3,
+  kFamVnni = 4, kFamNeon = 5, kNumFamilies = 6
+};
 
-// 0: scalar, 1: AVX-512BW (int16 form), 2: AVX-512 VNNI int16 form
-// (vpdpwssd), 3: VNNI u8 x s8 (vpdpbusd, int8 activations), 4: VNNI GEMM
-// form (packed weight panels; int8 or int16 activations, M >= GemmMinM).
-// QLITE_CPU_KERNELS_ISA=scalar|bw|vnni16|dot caps it (for measuring and
-// testing the variants; "dot" = up to 3).
-int Isa(const Problem& p, bool int8_act) {
+bool FamilySupported(int f) {
+  switch (f) {
+    case kFamScalar: return true;
 #ifdef QLITE_X86
-  if (!HasAvx512() || !SimdShapeOk(p)) return 0;
-  static const int cap = [] {
-    const char* e = std::getenv("QLITE_CPU_KERNELS_ISA");
-    if (e == nullptr) return 4;
-    if (std::strcmp(e, "scalar") == 0) return 0;
-    if (std::strcmp(e, "bw") == 0) return 1;
-    if (std::strcmp(e, "vnni16") == 0) return 2;
-    if (std::strcmp(e, "dot") == 0) return 3;
-    return 4;
-  }();
-  if (!HasVnni()) return std::min(cap, 1);
-  if (p.m >= GemmMinM(int8_act) && cap == 4) return 4;
-  // u8 x s8 needs the weight row sums (one more pass over each weight
-  // block): below 4 rows the int16 form is faster (2048 x 2048, M=1: 0.16
-  // vs 0.19 ms; M=8: 0.44 vs 0.29 ms).
-  const bool u8 = int8_act && (p.k / p.t) % 64 == 0 && p.m >= 4;
-  return std::min(cap, u8 ? 3 : 2);
-#else
-  return 0;
+    case kFamAvx2: return HasAvx2();
+    case kFamAvxVnni: return HasAvxVnni();
+    case kFamAvx512Bw: return HasAvx512();
+    case kFamVnni: return HasVnni();
 #endif
+#ifdef QLITE_ARM
+    case kFamNeon: return true;
+#endif
+    default: return false;
+  }
 }
 
-// Calls per path since the module was loaded (indexed by Isa()'s value),
-// read by isa_counts() so that tests can check which path actually ran.
-constexpr int kNumIsa = 5;
-std::atomic<int64_t> g_isa_calls[kNumIsa];
-
-// What this CPU supports: 0 scalar only, 1 AVX-512BW, 4 AVX-512 VNNI (every
-// path). Isa() may still pick a lower path for a shape, M or the env cap.
+// The best family this CPU supports.
 int CpuIsa() {
-#ifdef QLITE_X86
-  if (!HasAvx512()) return 0;
-  return HasVnni() ? 4 : 1;
-#else
-  return 0;
-#endif
+  for (int f : {kFamVnni, kFamAvx512Bw, kFamAvxVnni, kFamAvx2, kFamNeon})
+    if (FamilySupported(f)) return f;
+  return kFamScalar;
 }
 
-void Range(const Problem& p, int isa, int64_t n0, int64_t n1) {
-#ifdef QLITE_X86
-  if (isa == 4) return vnni::RangeGemm(p, n0, n1);
-  if (isa == 3) return vnni::RangeU8(p, n0, n1);
-  if (isa == 2) return vnni::RangeAvx512(p, n0, n1);
-  if (isa == 1) return bw::RangeAvx512(p, n0, n1);
+// Paths (the order of qlite/kernels/cpu.py ISA_NAMES): 0 scalar, 1
+// AVX-512BW int16 dot form, 2 AVX-512 VNNI int16 dot form (vpdpwssd), 3
+// VNNI u8 x s8 dot form (vpdpbusd, int8 activations), 4 VNNI GEMM form
+// (packed weight panels; int8 or int16 activations, M >= GemmMinM), 5 AVX2
+// int16 dot form (vpmaddwd), 6 AVX-VNNI int16 dot form (ymm vpdpwssd), 7
+// NEON (vmlal / vmull + vpadal), 8 NEON sdot, 9 NEON smmla (i8mm).
+constexpr int kNumPaths = 10;
+
+// QLITE_CPU_KERNELS_ISA=vnni16|dot caps the VNNI family's sub-paths (for
+// measuring and testing them; "dot" = no GEMM form). Read once.
+const int kVnniCap = [] {
+  const char* e = std::getenv("QLITE_CPU_KERNELS_ISA");
+  if (e != nullptr && std::strcmp(e, "vnni16") == 0) return 2;
+  if (e != nullptr && std::strcmp(e, "dot") == 0) return 3;
+  return 4;
+}();
+
+// The path for problem p in family `fam` (which the CPU supports).
+int PathFor(const Problem& p, bool int8_act, int fam) {
+  if (fam == kFamScalar || !SimdShapeOk(p)) return 0;
+  switch (fam) {
+    case kFamAvx2: return 5;
+    case kFamAvxVnni: return 6;
+    case kFamAvx512Bw: return 1;
+    case kFamVnni: {
+      if (p.m >= GemmMinM(int8_act) && kVnniCap == 4) return 4;
+      // u8 x s8 needs the weight row sums (one more pass over each weight
+      // block): below 4 rows the int16 form is faster (2048 x 2048, M=1:
+      // 0.16 vs 0.19 ms; M=8: 0.44 vs 0.29 ms).
+      const bool u8 = int8_act && (p.k / p.t) % 64 == 0 && p.m >= 4;
+      return std::min(kVnniCap, u8 ? 3 : 2);
+    }
+#ifdef QLITE_ARM
+    case kFamNeon: return int8_act ? 7 + NeonBestVariant() : 7;
 #endif
-  RangeScalar(p, n0, n1);
+    default: return 0;
+  }
+}
+
+// Calls per path since the module was loaded (indexed by PathFor()'s
+// value), read by isa_counts() so that tests can check which path ran.
+std::atomic<int64_t> g_path_calls[kNumPaths];
+
+void Range(const Problem& p, int path, int64_t n0, int64_t n1) {
+  switch (path) {
+#ifdef QLITE_X86
+    case 4: return vnni::RangeGemm(p, n0, n1);
+    case 3: return vnni::RangeU8(p, n0, n1);
+    case 2: return vnni::RangeAvx512(p, n0, n1);
+    case 1: return bw::RangeAvx512(p, n0, n1);
+    case 5: return avx2::RangeAvx2(p, n0, n1);
+    case 6: return avxvnni::RangeAvx2(p, n0, n1);
+#endif
+#ifdef QLITE_ARM
+    case 7: case 8: case 9: return RangeNeon(p, path - 7, n0, n1);
+#endif
+    default: return RangeScalar(p, n0, n1);
+  }
 }
 
 // Runs Range over [0, N) split in chunks over the pool (the caller takes the
 // first chunk) and waits for all of them. Chunks split N (multiples of 4, or
 // of a 64-column panel in the GEMM form); a GEMM with fewer panels than
 // threads splits its rows instead.
-void Run(const Problem& p, int isa, ffi::ThreadPool& pool) {
+void Run(const Problem& p, int path, ffi::ThreadPool& pool) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t align = isa == 4 ? 64 : 4;
+  const int64_t align = path == 4 ? 64 : 4;
 
   // At least ~1 MiB of weight bytes (x activation rows / 4) per chunk.
   const int64_t row_bytes = p.int4 ? p.k / 2 : p.k;
   int64_t by_size = std::max<int64_t>(
       1, (p.n * row_bytes * std::max<int64_t>(1, p.m / 4)) >> 20);
   int64_t chunks = std::min<int64_t>(threads, by_size);
-  const bool split_m = isa == 4 && (p.n + align - 1) / align < chunks &&
+  const bool split_m = path == 4 && (p.n + align - 1) / align < chunks &&
                        p.m >= 32;
   if (!split_m)
     chunks = std::max<int64_t>(
         1, std::min<int64_t>(chunks, (p.n + align - 1) / align));
   if (chunks <= 1) {
-    Range(p, isa, 0, p.n);
+    Range(p, path, 0, p.n);
     return;
   }
   // chunk c as its own problem: a column range, or a row range (sub-problem
@@ -392,24 +420,25 @@ void Run(const Problem& p, int isa, ffi::ThreadPool& pool) {
       ++pending;
     }
     pool.Schedule([&, c] {
-      Range(parts[c], isa, cols[c].first, cols[c].second);
+      Range(parts[c], path, cols[c].first, cols[c].second);
       std::lock_guard<std::mutex> l(mu);
       if (--pending == 0) cv.notify_all();
     });
   }
-  Range(parts[0], isa, cols[0].first, cols[0].second);
+  Range(parts[0], path, cols[0].first, cols[0].second);
   std::unique_lock<std::mutex> l(mu);
   cv.wait(l, [&] { return pending == 0; });
 }
 
 ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t tiles, bool int4) {
+                   ffi::Result<ffi::AnyBuffer> out, int64_t tiles,
+                   int64_t isa, bool int4) {
   auto ad = a.dimensions();
   auto wd = w.dimensions();
   auto od = out->dimensions();
   if (ad.size() != 2 || wd.size() != 2 || od.size() != 3)
     return ffi::Error::InvalidArgument("qlite dot: expected a[M,K], w[N,K]");
-  Problem p;
+  Problem p{};
   p.m = ad[0];
   p.k = ad[1];
   p.n = wd[0];
@@ -422,91 +451,103 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
   const bool int8_act = a.element_type() == ffi::DataType::S8;
   if (!int8_act && a.element_type() != ffi::DataType::S16)
     return ffi::Error::InvalidArgument("qlite dot: activations must be s8 or s16");
-  const int isa = Isa(p, int8_act);
-  g_isa_calls[isa].fetch_add(1, std::memory_order_relaxed);
+  const int fam = isa < 0 ? CpuIsa() : static_cast<int>(isa);
+  if (fam >= kNumFamilies || !FamilySupported(fam))
+    return ffi::Error::InvalidArgument(
+        "qlite dot: instruction-set family not supported by this CPU");
+  const int path = PathFor(p, int8_act, fam);
+  g_path_calls[path].fetch_add(1, std::memory_order_relaxed);
   std::vector<int16_t> a16;
   std::vector<uint8_t> au8;
   std::vector<int32_t> asum;
-  p.a = nullptr;
-  p.au8 = nullptr;
-  p.a8 = nullptr;
-  p.asum = nullptr;
+  const int8_t* a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
   if (!int8_act) {
     p.a = reinterpret_cast<const int16_t*>(a.untyped_data());
-  } else if (isa == 4) {
+  } else if (path == 4) {
     // GEMM form: the int8 rows as they are, plus their sums per K tile
-    p.a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
+    p.a8 = a8;
     asum.resize(p.m * p.t);
     const int64_t tk = p.k / p.t;
     for (int64_t i = 0; i < p.m * p.t; ++i) {
-      int32_t s = 0;
-      for (int64_t kk = 0; kk < tk; ++kk) s += p.a8[i * tk + kk];
-      asum[i] = s;
+      int32_t sum = 0;
+      for (int64_t kk = 0; kk < tk; ++kk) sum += p.a8[i * tk + kk];
+      asum[i] = sum;
     }
     p.asum = asum.data();
+  } else if (path == 0 || path >= 7) {
+    p.a8 = a8;                        // scalar and NEON read int8 rows
   } else {
-    const int8_t* a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
-    a16.assign(a8, a8 + p.m * p.k);   // scalar / int16 paths and the tails
+    a16.assign(a8, a8 + p.m * p.k);   // int16 dot forms and their tails
     p.a = a16.data();
-    au8.resize(p.m * p.k);
-    for (int64_t i = 0; i < p.m * p.k; ++i)
-      au8[i] = static_cast<uint8_t>(a8[i]) ^ 0x80;
-    p.au8 = au8.data();
+    if (path == 3) {
+      au8.resize(p.m * p.k);
+      for (int64_t i = 0; i < p.m * p.k; ++i)
+        au8[i] = static_cast<uint8_t>(a8[i]) ^ 0x80;
+      p.au8 = au8.data();
+    }
   }
   p.w = reinterpret_cast<const uint8_t*>(w.untyped_data());
   p.out = reinterpret_cast<int32_t*>(out->untyped_data());
-  Run(p, isa, pool);
+  Run(p, path, pool);
   return ffi::Error::Success();
 }
 
 ffi::Error I8Dot(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
-                 ffi::Result<ffi::AnyBuffer> out, int64_t tiles) {
-  return DotImpl(pool, a, w, out, tiles, false);
+                 ffi::Result<ffi::AnyBuffer> out, int64_t tiles, int64_t isa) {
+  return DotImpl(pool, a, w, out, tiles, isa, false);
 }
 ffi::Error I4Dot(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
-                 ffi::Result<ffi::AnyBuffer> out, int64_t tiles) {
-  return DotImpl(pool, a, w, out, tiles, true);
+                 ffi::Result<ffi::AnyBuffer> out, int64_t tiles, int64_t isa) {
+  return DotImpl(pool, a, w, out, tiles, isa, true);
 }
 
 }  // namespace
+}  // namespace qlite_kernels
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI8DotNK, I8Dot,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI8DotNK, qlite_kernels::I8Dot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tiles"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI4DotNK, I4Dot,
+                                  .Attr<int64_t>("tiles")
+                                  .Attr<int64_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI4DotNK, qlite_kernels::I4Dot,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tiles"));
+                                  .Attr<int64_t>("tiles")
+                                  .Attr<int64_t>("isa"));
 
 // ------------------------------------------------------- Python module --
+// Adds {name: capsule} to d; false (with the Python error set) on failure.
+static bool AddCapsule(PyObject* d, const char* name, void* fn) {
+  PyObject* c = PyCapsule_New(fn, nullptr, nullptr);
+  if (c == nullptr) return false;
+  const int rc = PyDict_SetItemString(d, name, c);
+  Py_DECREF(c);   // the dict holds its own reference (or none on failure)
+  return rc == 0;
+}
+
 static PyObject* Targets(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (d == nullptr) return nullptr;
-  PyObject* c1 = PyCapsule_New(reinterpret_cast<void*>(&QliteI8DotNK),
-                               nullptr, nullptr);
-  PyObject* c2 = PyCapsule_New(reinterpret_cast<void*>(&QliteI4DotNK),
-                               nullptr, nullptr);
-  if (c1 == nullptr || c2 == nullptr) return nullptr;
-  PyDict_SetItemString(d, "qlite_i8_dot_nk", c1);
-  PyDict_SetItemString(d, "qlite_i4_dot_nk", c2);
-  Py_DECREF(c1);
-  Py_DECREF(c2);
+  if (!AddCapsule(d, "qlite_i8_dot_nk", reinterpret_cast<void*>(&QliteI8DotNK)) ||
+      !AddCapsule(d, "qlite_i4_dot_nk", reinterpret_cast<void*>(&QliteI4DotNK))) {
+    Py_DECREF(d);
+    return nullptr;
+  }
   return d;
 }
 
 static PyObject* IsaCounts(PyObject*, PyObject*) {
-  PyObject* t = PyTuple_New(kNumIsa);
+  PyObject* t = PyTuple_New(qlite_kernels::kNumPaths);
   if (t == nullptr) return nullptr;
-  for (int i = 0; i < kNumIsa; ++i) {
+  for (int i = 0; i < qlite_kernels::kNumPaths; ++i) {
     PyObject* v = PyLong_FromLongLong(
-        g_isa_calls[i].load(std::memory_order_relaxed));
+        qlite_kernels::g_path_calls[i].load(std::memory_order_relaxed));
     if (v == nullptr) {
       Py_DECREF(t);
       return nullptr;
@@ -517,22 +558,52 @@ static PyObject* IsaCounts(PyObject*, PyObject*) {
 }
 
 static PyObject* CpuIsaPy(PyObject*, PyObject*) {
-  return PyLong_FromLong(CpuIsa());
+  return PyLong_FromLong(qlite_kernels::CpuIsa());
+}
+
+// (family code, supported) for every family, and the NEON extensions.
+static PyObject* CpuFeatures(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  static const char* kNames[] = {"scalar", "avx2", "avxvnni", "avx512bw",
+                                 "vnni", "neon"};
+  bool ok = true;
+  for (int f = 0; f < qlite_kernels::kNumFamilies && ok; ++f)
+    ok = PyDict_SetItemString(
+             d, kNames[f],
+             qlite_kernels::FamilySupported(f) ? Py_True : Py_False) == 0;
+#ifdef QLITE_ARM
+  if (ok)
+    ok = PyDict_SetItemString(d, "neon_dotprod",
+                              qlite_kernels::NeonHasDotprod() ? Py_True
+                                                              : Py_False) == 0;
+  if (ok)
+    ok = PyDict_SetItemString(d, "neon_i8mm",
+                              qlite_kernels::NeonHasI8mm() ? Py_True
+                                                           : Py_False) == 0;
+#endif
+  if (!ok) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
 }
 
 static PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS,
      "Returns {ffi target name: PyCapsule of the XLA FFI handler}."},
     {"isa_counts", IsaCounts, METH_NOARGS,
-     "Returns calls per path (0 scalar, 1 AVX-512BW, 2 VNNI int16 dot, 3 "
-     "VNNI u8 dot, 4 VNNI GEMM) since the module was loaded."},
+     "Returns calls per path (see qlite.kernels.cpu.ISA_NAMES) since the "
+     "module was loaded."},
     {"cpu_isa", CpuIsaPy, METH_NOARGS,
-     "Returns the best path this CPU supports: 0 scalar, 1 AVX-512BW, 4 "
-     "AVX-512 VNNI (all paths)."},
+     "Returns the best instruction-set family this CPU supports (0 scalar, "
+     "1 avx2, 2 avxvnni, 3 avx512bw, 4 vnni, 5 neon)."},
+    {"cpu_features", CpuFeatures, METH_NOARGS,
+     "Returns {family or extension: supported by this CPU}."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
                               "qlite CPU kernels (XLA FFI handlers)", -1,
-                              kMethods};
+                              kMethods, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&kModule); }
