@@ -165,9 +165,12 @@ def _unpack_int4_nk(packed):
   return jnp.concatenate([lo, hi], axis=-1).reshape(sh[:-1] + (sh[-1] * 2,))
 
 
-def _kernel_ok(b_: int, rows: int, nk: bool) -> bool:
-  return nk and b_ == 1 and rows <= cpu_kernels.MAX_M and \
-      cpu_kernels.available()
+def _kernel_ok(b_: int, rows: int, nk: bool, act: str = "int8",
+               packed: bool = False) -> bool:
+  """The CPU kernel runs this dot only where it measured faster than XLA
+  (per instruction-set family and row count: ``cpu_kernels.plan``)."""
+  return nk and b_ == 1 and cpu_kernels.available() and \
+      cpu_kernels.use_kernel(rows, act, "int4" if packed else "int8")
 
 
 def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
@@ -182,7 +185,8 @@ def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
   otherwise unpacked to int8 with shifts.
   """
   b_, m, k = a.shape
-  if _kernel_ok(b_, m, nk):
+  act = "int16" if np.dtype(a.dtype) == np.dtype(np.int16) else "int8"
+  if _kernel_ok(b_, m, nk, act, packed):
     fn = cpu_kernels.int4_dot_nk if packed else cpu_kernels.int8_dot_nk
     out = fn(a[0], w[0], tiles)                       # [M, T, N]
     return jnp.swapaxes(out, 0, 1)[None] if tiles > 1 else out[:, 0][None]
@@ -363,7 +367,7 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
     return y[:, :rows]
 
   if mode == "weight_only":
-    if _kernel_ok(b_, m, nk):
+    if _kernel_ok(b_, m, nk, "int16", packed):
       # one int16 row per activation row (~80 dB below the signal at K=2048)
       amax = cpu_kernels.int16_act_max(x3.shape[-1] // tiles,
                                        4 if packed else 8)
@@ -380,7 +384,7 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
   if mode == "drq":
     a, s = _per_row_codes(x3, 127.0)
     a = a.astype(jnp.int8)
-    if m == 1 and not _kernel_ok(b_, m, nk):
+    if m == 1 and not _kernel_ok(b_, m, nk, "int8", packed):
       # a second (zero) row keeps XLA:CPU on its fast route
       a = jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
     return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
