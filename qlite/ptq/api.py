@@ -20,9 +20,12 @@ from qlite.rules import QuantizationRule
 # ranges calibration sees), then the rounding, then the bias correction of
 # what error remains.
 ALGORITHMS = ("smoothquant", "adaround", "bias_correction")
+"""The algorithm names :func:`optimize` accepts in ``algorithms``."""
 # Chosen by measurement on held-out data (bench/ptq_algorithms.py,
 # bench/RESULTS_ptq.md).
 DEFAULT_ALGORITHMS: tuple[str, ...] = ()
+"""The algorithms :func:`optimize` runs when ``algorithms`` is not given
+(chosen by measurement: ``bench/RESULTS_ptq.md``)."""
 
 
 @dataclasses.dataclass
