@@ -72,3 +72,11 @@ report-screenshot: $(STAMP)
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars \
 	  --window-size=1100,1250 --screenshot=docs/img/compare_report.png \
 	  file://$(CURDIR)/docs/img/compare_report.html
+
+# NEON kernel paths bit-exact under qemu (issue 19): installs the aarch64
+# cross compiler and qemu-user (Debian packages), then runs the slow test.
+.PHONY: neon-check
+neon-check: $(STAMP)
+	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -q g++-aarch64-linux-gnu qemu-user)
+	$(PY) -m pytest -q -m slow tests/test_neon_kernels.py
