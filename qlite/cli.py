@@ -213,6 +213,11 @@ def _cmd_zoo(args):
     raise QliteError("some zoo models are not full-integer (see table)")
 
 
+def _cmd_doctor(args):
+  from qlite.kernels import cpu as cpu_kernels
+  print(cpu_kernels.format_info(), end="")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="qlite", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -265,6 +270,9 @@ def main(argv=None) -> int:
                      "SQNR table")
   z.add_argument("names", nargs="*", help="zoo names (default: all)")
   z.set_defaults(func=_cmd_zoo)
+  dr = sub.add_parser("doctor", help="CPU kernel report: instruction set, "
+                      "which dots run the kernel and why")
+  dr.set_defaults(func=_cmd_doctor)
   args = p.parse_args(argv)
   try:
     with SigintWatch() as args.interrupts:
