@@ -67,6 +67,7 @@ def run(weight_qtype: str = "int2", epochs: int = 6, seed: int = 0,
   acc_qat = digits.accuracy(qat.apply(qvars, x), y)
   res = {"float": acc_float, "ptq": acc_ptq, "qat": acc_qat,
          "weight_qtype": weight_qtype, "qvars": qvars, "model": model,
+         "variables": variables,
          "rules": rules, "data": data}
   if verbose:
     print(f"digits CNN, {weight_qtype} weights / int8 activations "
