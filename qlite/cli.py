@@ -1,4 +1,4 @@
-"""The ``qlite`` command: demo | export | inspect | compare."""
+"""The ``qlite`` command: demo | export | inspect | compare | generate | zoo."""
 
 from __future__ import annotations
 
@@ -206,6 +206,31 @@ def _cmd_inspect(args):
       print(f"  {t.index:4d} {t.dtype:8s} {str(t.shape):18s} {t.name}{q}")
 
 
+def _token_ids(text: str) -> list:
+  """An argparse type: comma-separated non-negative token ids."""
+  try:
+    ids = [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated token ids like 1,2,3, got {text!r}") \
+        from None
+  if not ids or min(ids) < 0:
+    raise argparse.ArgumentTypeError(
+        f"expected at least one non-negative token id, got {text!r}")
+  return ids
+
+
+def _cmd_generate(args):
+  from qlite.litert.generate import LMRunner
+  if args.temperature < 0:
+    raise QliteError(f"--temperature must be >= 0, got {args.temperature}")
+  runner = LMRunner(args.model, num_threads=args.threads)
+  out = runner.generate(args.prompt_ids, args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k,
+                        seed=args.seed)
+  print(",".join(str(t) for t in out.tokens))
+
+
 def _cmd_zoo(args):
   from qlite.zoo import report
   rows = report.main(args.names or None)
@@ -266,6 +291,21 @@ def main(argv=None) -> int:
   i.add_argument("model")
   i.add_argument("--tensors", action="store_true", help="list every tensor")
   i.set_defaults(func=_cmd_inspect)
+  g = sub.add_parser("generate", help="generate tokens with a prefill + "
+                     "decode LM .tflite (greedy, or sampling with a seed)")
+  g.add_argument("model", help="a .tflite with 'prefill' and 'decode' "
+                 "signatures (qlite.export_tflite(..., signatures=...))")
+  g.add_argument("--prompt-ids", type=_token_ids, required=True,
+                 help="comma-separated prompt token ids, e.g. 1,2,3")
+  g.add_argument("--max-new-tokens", type=_positive, default=16)
+  g.add_argument("--temperature", type=float, default=0.0,
+                 help="0: greedy (default); > 0: sample")
+  g.add_argument("--top-k", type=_positive, default=None,
+                 help="sample from the K most likely tokens")
+  g.add_argument("--seed", type=int, default=0, help="sampling seed")
+  g.add_argument("--threads", type=_positive, default=None,
+                 help="LiteRT threads")
+  g.set_defaults(func=_cmd_generate)
   z = sub.add_parser("zoo", help="convert every zoo model; full-integer + "
                      "SQNR table")
   z.add_argument("names", nargs="*", help="zoo names (default: all)")
