@@ -89,6 +89,11 @@ class TFLiteInfo:
     float_ops: the ops that read or write a float tensor (a QUANTIZE of a
       float model input and a DEQUANTIZE to a float model output excepted);
       empty for a full-integer model.
+    signatures: ``{name: (input_names, output_names)}`` of every signature
+      def, in file order, names in each subgraph's input / output order
+      (e.g. ``{"prefill": (["tokens", "length", ...], ["logits", ...]),
+      "decode": ...}`` for a multi-signature LM); the ops and tensors above
+      are those of the first subgraph.
 
   Example:
     >>> import jax, numpy as np, flax.linen as nn, qlite
@@ -110,6 +115,7 @@ class TFLiteInfo:
   inputs: list[int]
   outputs: list[int]
   float_ops: list[OpInfo]            # compute ops on float tensors
+  signatures: dict = dataclasses.field(default_factory=dict)
 
   @property
   def op_histogram(self) -> dict[str, int]:
@@ -261,6 +267,7 @@ def inspect_tflite(model: Any) -> TFLiteInfo:
            for i, op in enumerate(sg.operators or [])]
     inputs = [int(i) for i in sg.inputs]
     outputs = [int(i) for i in sg.outputs]
+    signatures = _signature_defs(m)
   except TFLiteFormatError:
     raise
   except Exception as e:
@@ -268,7 +275,28 @@ def inspect_tflite(model: Any) -> TFLiteInfo:
                             f"({len(data)} bytes): {type(e).__name__}: {e}") \
         from None
   float_ops = _float_ops(ops, tensors, set(inputs), set(outputs))
-  return TFLiteInfo(len(data), ops, tensors, inputs, outputs, float_ops)
+  return TFLiteInfo(len(data), ops, tensors, inputs, outputs, float_ops,
+                    signatures)
+
+
+def _signature_defs(m) -> dict:
+  """``{name: (input_names, output_names)}``, each list in the order of its
+  subgraph's inputs / outputs (the file stores the defs sorted by name)."""
+  out = {}
+  for sd in m.signatureDefs or []:
+    sg = m.subgraphs[int(sd.subgraphIndex)]
+    key = sd.signatureKey.decode() if isinstance(sd.signatureKey, bytes) \
+        else str(sd.signatureKey)
+    lists = []
+    for defs, order in ((sd.inputs, sg.inputs), (sd.outputs, sg.outputs)):
+      pos = {int(t): i for i, t in enumerate(order if order is not None
+                                             else ())}
+      named = sorted(defs or [], key=lambda d: pos.get(int(d.tensorIndex),
+                                                       1 << 30))
+      lists.append([d.name.decode() if isinstance(d.name, bytes)
+                    else str(d.name) for d in named])
+    out[key] = tuple(lists)
+  return out
 
 
 def _float_ops(ops, tensors, model_inputs, model_outputs) -> list[OpInfo]:

@@ -20,6 +20,7 @@ from qlite.core import calibration
 from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
+from qlite.ops import int_lookup
 from qlite.trace import graph as graph_lib
 from qlite.quant import fingerprint
 from qlite.quant.batches import describe_bad_batch
@@ -99,7 +100,9 @@ def _litert_calibration_step(qm, provider, graph, plan):
   bounds = [b for b in plan.boundaries.values() if b.calibrated]
   flat_params = jax.tree.leaves(qm.mf.params)
   folded = graph_lib.fold_static(graph, flat_params)
-  sub = dataclasses.replace(graph, out_vars=[b.var for b in bounds])
+  probes = list(plan.probes.items())   # integers lookup tables read
+  sub = dataclasses.replace(graph, out_vars=[b.var for b in bounds] +
+                            [v for v, _ in probes])
 
   def fn(*flat_args):
     return graph_lib.evaluate(sub, flat_params, flat_args, preset=folded)
@@ -110,10 +113,10 @@ def _litert_calibration_step(qm, provider, graph, plan):
   weight_bytes = sum(getattr(p, "nbytes", 0) for p in flat_params)
   if weight_bytes >= CALIBRATION_WEIGHTS_AS_INPUTS_BYTES:
     blob, weights = litert.convert_function_weights_as_inputs(
-        holder, avals, num_outputs=len(bounds))
+        holder, avals, num_outputs=len(sub.out_vars))
   else:
     blob, weights = litert.convert_function(
-        holder, avals, quantized=False, num_outputs=len(bounds)), []
+        holder, avals, quantized=False, num_outputs=len(sub.out_vars)), []
   runner = TFLiteRunner(blob)
   runner.set_fixed_inputs(weights)
   del weights
@@ -122,10 +125,12 @@ def _litert_calibration_step(qm, provider, graph, plan):
 
   def step(flat_args):
     outs = runner.run(*[np.asarray(a) for a in flat_args])
-    provider.record(plan, {
-        b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p,
-                                       with_histogram=h)
-        for b, o, p, h in zip(bounds, outs, pct, hist)})
+    stats = {b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p,
+                                            with_histogram=h)
+             for b, o, p, h in zip(bounds, outs, pct, hist)}
+    for (_, key), o in zip(probes, outs[len(bounds):]):
+      stats[key] = int_lookup.probe_stats(np.asarray(o))
+    provider.record(plan, stats)
   return step
 
 
@@ -304,11 +309,12 @@ def _export_function(model, rules, stats, example_args, variables,
   return qm, graph, plan, fn, args
 
 
-def export_tflite(model, rules: Sequence[QuantizationRule], stats,
-                  example_args, variables=None, path=None,
+def export_tflite(model, rules: Sequence[QuantizationRule] | None = None,
+                  stats=None, example_args=None, variables=None, path=None,
                   io_dtype: str = "float32", *, strict: bool = True,
                   verify: str = "error",
-                  allow_changed_weights: bool = False) -> bytes:
+                  allow_changed_weights: bool = False,
+                  signatures=None, weights: str = "float") -> bytes:
   """Exports a full-integer LiteRT ``.tflite`` and returns its bytes.
 
   Weights are quantized per output channel (symmetric), activations per
@@ -341,6 +347,15 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
       check.
     allow_changed_weights: use ``stats`` although the weights differ from
       those it was calibrated with (same parameter shapes and dtypes).
+    signatures: ``{name: (fn, example_args)}`` exports one ``.tflite``
+      with a named signature per entry sharing one copy of the weights
+      (e.g. an LM's ``"prefill"`` and ``"decode"``); ``fn`` a method name
+      of ``model`` or a callable. Float activations; ``rules``, ``stats``
+      and ``example_args`` must be None
+      (:func:`qlite.litert.signatures.export_signatures`).
+    weights: with ``signatures``, the weight format
+      (:data:`qlite.litert.weight_formats.FORMATS`: ``"float"``,
+      ``"int8"``, ``"int8_dynamic"``, ``"int4"``, ``"int4_block32"``...).
 
   Returns:
     The ``.tflite`` flatbuffer bytes.
@@ -374,6 +389,21 @@ def export_tflite(model, rules: Sequence[QuantizationRule], stats,
     >>> qlite.inspect_tflite(blob).full_integer
     True
   """
+  if signatures is not None:
+    if rules is not None or stats is not None or example_args is not None:
+      raise QliteError(
+          "export_tflite(signatures=...) exports float activations with the "
+          "weight format weights=...: pass rules=None, stats=None, "
+          "example_args=None (full-integer multi-signature export is not "
+          "supported; export one function full-integer without signatures)")
+    from qlite.litert import signatures as signatures_lib
+    return signatures_lib.export_signatures(
+        signatures, model=model, variables=variables, weights=weights,
+        path=path)
+  if weights != "float":
+    raise QliteError(f"weights={weights!r} applies to export_tflite("
+                     f"signatures=...) only; full-integer exports take "
+                     f"their weight qtype from the rules")
   with litert.SigintWatch() as watch:
     blob = _export_tflite(model, rules, stats, example_args, variables,
                           io_dtype, strict, verify, allow_changed_weights)

@@ -24,6 +24,10 @@ class TFLiteRunner:
     preserve_all_tensors: keep every intermediate tensor readable with
       :meth:`tensor` after :meth:`run` (more memory).
     xnnpack: False runs LiteRT's builtin kernels only.
+    signature: the signature to run, by name (e.g. ``"decode"`` of a
+      multi-signature LM, :func:`qlite.litert.signatures.export_signatures`);
+      None for a model with one signature. Its inputs / outputs are then in
+      the order the signature was exported with.
 
   Attributes:
     input_names: the signature's input names, in order.
@@ -33,7 +37,8 @@ class TFLiteRunner:
 
   Raises:
     QliteError: LiteRT cannot load the model (not a ``.tflite``, or an op it
-      cannot prepare).
+      cannot prepare); no signature ``signature``, or None for a model with
+      several.
 
   Example:
     >>> import jax, numpy as np, flax.linen as nn, qlite
@@ -50,7 +55,8 @@ class TFLiteRunner:
   """
 
   def __init__(self, model: bytes, *, num_threads: int | None = None,
-               preserve_all_tensors: bool = False, xnnpack: bool = True):
+               preserve_all_tensors: bool = False, xnnpack: bool = True,
+               signature: str | None = None):
     import warnings
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     self.delegate_error: str | None = None
@@ -80,12 +86,30 @@ class TFLiteRunner:
           self.interpreter = load(builtin)
         except (RuntimeError, ValueError) as e2:
           raise QliteError(f"LiteRT cannot load the model: {e2}") from None
-    self.runner = self.interpreter.get_signature_runner()
+    sigs = self.interpreter.get_signature_list()
+    if signature is None and len(sigs) > 1:
+      raise QliteError(f"the .tflite model has {len(sigs)} signatures "
+                       f"({', '.join(sigs)}): pass signature=<name>")
+    if signature is not None and signature not in sigs:
+      raise QliteError(f"the .tflite model has no signature {signature!r}; "
+                       f"it has: {', '.join(sigs) or 'none'}")
+    self.signature = signature
+    self.runner = self.interpreter.get_signature_runner(signature)
+    # Named signatures keep their subgraph's input / output order; the
+    # default one its input_<i> / output_<i> numbering.
     details = self.runner.get_input_details()
-    self.input_names = sorted(details, key=_index_of_name)
-    self.input_details = [details[n] for n in self.input_names]
     out = self.runner.get_output_details()
-    self.output_names = sorted(out, key=_index_of_name)
+    if signature is None:
+      in_key = out_key = _index_of_name
+    else:
+      ins, outs = _subgraph_io(model if isinstance(model, bytes) else
+                               bytes(model), int(getattr(
+          self.runner, "_subgraph_index", 0)))
+      in_key = lambda n: ins.get(int(details[n]["index"]), 1 << 30)
+      out_key = lambda n: outs.get(int(out[n]["index"]), 1 << 30)
+    self.input_names = sorted(details, key=in_key)
+    self.input_details = [details[n] for n in self.input_names]
+    self.output_names = sorted(out, key=out_key)
     self.output_details = [out[n] for n in self.output_names]
 
   def set_fixed_inputs(self, values: Sequence[np.ndarray]) -> None:
@@ -194,6 +218,15 @@ class TFLiteRunner:
       dtype('int8')
     """
     return self.interpreter.get_tensor(index)
+
+
+def _subgraph_io(model: bytes, subgraph: int) -> tuple[dict, dict]:
+  """``({tensor index: position}, ...)`` of a subgraph's inputs and outputs
+  (lazy flatbuffer reads: no buffer is copied)."""
+  from ai_edge_litert import schema_py_generated as schema
+  sg = schema.Model.GetRootAs(model, 0).Subgraphs(subgraph)
+  return ({int(t): i for i, t in enumerate(sg.InputsAsNumpy())},
+          {int(t): i for i, t in enumerate(sg.OutputsAsNumpy())})
 
 
 def _index_of_name(name: str):
