@@ -36,6 +36,7 @@ from qlite.errors import QliteError
 from qlite.quant.provider import Provider, QuantizedModel
 from qlite.rules import QuantizationRule, RuleMatcher
 from qlite.xla import matmul
+from qlite.xla import pallas as pallas_lib
 
 __all__ = ["PtqProvider", "PtqModel", "QuantizedOp", "quantize_model",
            "scale_source"]
@@ -229,7 +230,7 @@ class PtqProvider(Provider):
     """
     def f(flat_params, flat_args):
       env_params = [p.dequantize(p.dtype) if isinstance(
-          p, (QArray, matmul.PackedWeight)) else p
+          p, (QArray, matmul.PackedWeight, pallas_lib.PallasWeight)) else p
                     for p in flat_params]       # dead (removed) when unused
 
       def on_node(node, invals):
@@ -237,10 +238,19 @@ class PtqProvider(Provider):
         if op is None:
           return None
         pw = None if op.param_index is None else flat_params[op.param_index]
-        qw = pw if isinstance(pw, (QArray, matmul.PackedWeight)) else \
+        qw = pw if isinstance(pw, (QArray, matmul.PackedWeight,
+                                   pallas_lib.PallasWeight)) else \
             op.quantize_weight(invals[op.weight_operand])
         x = invals[1 - op.weight_operand]
         out_dtype = graph.avals[node.outputs[0]].dtype
+        if isinstance(qw, pallas_lib.PallasWeight):
+          if node.name != "dot_general":
+            qw = qw.to_qarray()
+          else:                      # planned for Pallas (GPU / TPU)
+            return [pallas_lib.quantized_dot(
+                x, qw, node.params["dimension_numbers"], op.weight_operand,
+                mode=op.mode, act_qtype=op.rule.act_qtype,
+                act_scale=op.act_scale, out_dtype=out_dtype)]
         if node.name == "dot_general":
           y = matmul.quantized_dot(
               x, qw, node.params["dimension_numbers"], op.weight_operand,
@@ -277,6 +287,13 @@ class PtqProvider(Provider):
       if node.name != "dot_general" or not isinstance(out[i], QArray):
         continue
       x = node.inputs[1 - op.weight_operand]
+      dn, xa = node.params["dimension_numbers"], graph.avals[x]
+      pp = pallas_lib.plan(out[i], dn, tuple(xa.shape), xa.dtype,
+                           op.weight_operand, op.mode, op.rule.act_qtype)
+      if pp is not None:                     # Pallas kernels (GPU / TPU)
+        out[i] = pallas_lib.pack(out[i], dn, len(xa.shape), op.weight_operand,
+                                 pp)
+        continue
       out[i] = matmul.pack_weight(out[i], node.params["dimension_numbers"],
                                   len(graph.avals[x].shape),
                                   op.weight_operand)

@@ -1,0 +1,249 @@
+"""Pallas dispatch for :class:`qlite.xla.PtqProvider` on GPU / TPU.
+
+A quantized ``dot_general`` runs on a Pallas kernel (:mod:`qlite.kernels.
+matmul`) when :func:`plan` says so, decided once per traced shape, outside
+jit, when the provider prepares its params; the weight is then stored as a
+:class:`PallasWeight` (int8 ``[K, N]``, or int4 packed two a byte along K,
+scales as ``[T, N]``, and for static-range activations the weight's column
+sums) and every call runs the kernel:
+
+* weight-only, bf16 / f16 activations: :func:`weight_only_matmul`, the
+  weight dequantized block by block inside the kernel to the activation
+  dtype (int8 values are exact there), float32 accumulation;
+* weight-only, float32 activations: the activation split per row into two
+  int8 digits (as the XLA path does, ~16 bits) and :func:`w8a8_matmul` on
+  the ``2M`` rows, the two halves summed: the same int32 products and float
+  rescale as the XLA path;
+* dynamic range (DRQ): per-row int8 activations, :func:`w8a8_matmul`;
+* static range (SRQ): per-tensor int8 activations, :func:`w8a8_matmul`
+  with the zero point folded in the kernel (``acc - zp * colsum(w)``).
+
+``QLITE_PALLAS`` (:func:`qlite.kernels.matmul.pallas_mode`): ``auto`` uses
+the kernels on GPU / TPU for shapes in :data:`THRESHOLDS` (conservative:
+activation rows up to ``max_m``, weights of at least ``min_weight``
+elements, where a kernel that reads the int8 / int4 weight once beats
+XLA's convert-then-dot; ``bench/device_check.py`` measures the crossover),
+XLA elsewhere; ``interpret`` uses them for every eligible dot in Pallas
+interpret mode on any backend (CI on CPU); ``off`` never.
+
+Eligible dots: no dot batch dims, an int8 / int4 symmetric weight of one
+contracting dim, int8-or-narrower activations, N a multiple of 128, K (or
+the K tile) a power-of-two multiple of 128 (256 for int4) -- the blocks of
+:func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over more than
+one device stays on XLA's SPMD path (a kernel runs on one device's data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from qlite.core import numerics
+from qlite.core import qtypes as qt_lib
+from qlite.core.qarray import QArray
+from qlite.kernels import matmul as kmm
+from qlite.xla import matmul as xmm
+
+__all__ = ["PallasWeight", "plan", "pack", "quantized_dot", "THRESHOLDS",
+           "thresholds"]
+
+_INT4 = np.dtype(ml_dtypes.int4)
+
+# Per backend: the kernels run for dots with at most ``max_m`` activation
+# rows and at least ``min_weight`` weight elements. Conservative start
+# (memory-bound decode-sized dots); bench/device_check.py prints the
+# measured crossover per kernel to set them from.
+THRESHOLDS = {
+    "gpu": {"max_m": 64, "min_weight": 1 << 20},
+    "tpu": {"max_m": 64, "min_weight": 1 << 20},
+}
+
+
+def thresholds(backend: str) -> dict:
+  """:data:`THRESHOLDS` of ``backend``, overridden by ``QLITE_PALLAS_MAX_M``
+  / ``QLITE_PALLAS_MIN_WEIGHT`` when set."""
+  t = dict(THRESHOLDS.get(backend, {"max_m": 0, "min_weight": 1 << 62}))
+  for key, env in (("max_m", "QLITE_PALLAS_MAX_M"),
+                   ("min_weight", "QLITE_PALLAS_MIN_WEIGHT")):
+    if os.environ.get(env):
+      t[key] = int(os.environ[env])
+  return t
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A dot's Pallas configuration: ``kernel`` (``"w8a8"`` or
+  ``"weight_only"``), blocks, ``packed`` (int4) and ``interpret``."""
+  kernel: str
+  block_m: int
+  block_n: int
+  block_k: int
+  packed: bool
+  interpret: bool
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class PallasWeight:
+  """A quantized dot weight in the Pallas kernels' layout (provider-private,
+  built by :func:`pack` outside jit).
+
+  ``data``: int8 ``[K, N]`` or int4 packed as int8 ``[K/2, N]``
+  (:func:`qlite.kernels.matmul.pack_int4_kn`, group = ``plan.block_k``);
+  ``wscale`` float32 ``[T, N]``; ``wsum`` int32 ``[T, N]`` (column sums per K
+  tile, for the SRQ zero point); ``scale`` the QArray's own scale (so
+  :meth:`to_qarray` rebuilds it exactly).
+  """
+  data: Any
+  wscale: Any
+  wsum: Any
+  scale: Any
+  layout: xmm.DotLayout
+  plan: Plan
+  shape: tuple
+  qtype: Any
+  channel_axes: tuple
+  tile_sizes: tuple
+  dtype: Any
+
+  def tree_flatten(self):
+    return ((self.data, self.wscale, self.wsum, self.scale),
+            (self.layout, self.plan, self.shape, self.qtype,
+             self.channel_axes, self.tile_sizes, self.dtype))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def to_qarray(self) -> QArray:
+    """The :class:`QArray` this was packed from (original layout)."""
+    lay = self.layout
+    w = kmm.unpack_int4_kn(self.data, self.plan.block_k) if \
+        self.plan.packed else self.data                         # [K, N]
+    perm = lay.w_contract + lay.w_free
+    w = w.reshape(tuple(self.shape[d] for d in perm))
+    w = jnp.transpose(w, np.argsort(perm))
+    storage = qt_lib.get_qtype(self.qtype).storage_dtype
+    return QArray(w.astype(storage), self.scale, None, self.qtype,
+                  self.channel_axes, self.tile_sizes, self.dtype)
+
+  def dequantize(self, dtype=None):
+    return self.to_qarray().dequantize(dtype)
+
+
+def _sharded(a) -> bool:
+  s = getattr(a, "sharding", None)
+  return s is not None and not s.is_fully_replicated and \
+      len(s.device_set) > 1
+
+
+def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
+         mode: str, act_qtype) -> Plan | None:
+  """Returns the :class:`Plan` for this dot, or None (XLA path): see the
+  module docstring for when. ``x_shape`` / ``x_dtype``: the activation's
+  (traced) shape and dtype."""
+  pm = kmm.pallas_mode()
+  if pm == "off" or not isinstance(qw, QArray):
+    return None
+  backend = jax.default_backend()
+  if pm == "auto" and backend not in ("gpu", "tpu"):
+    return None
+  if not xmm.int_path_ok(qw, act_qtype if mode != "weight_only" else None):
+    return None
+  qv = qw.qvalue
+  if np.dtype(qv.dtype) not in (_INT4, np.dtype(np.int8)) or _sharded(qv):
+    return None
+  lay = xmm.dot_layout(dimension_numbers, len(x_shape), qw.ndim,
+                       weight_operand)
+  if lay.x_batch or lay.w_batch or len(lay.w_contract) != 1:
+    return None
+  m = math.prod(x_shape[d] for d in lay.x_free)
+  k = qw.shape[lay.w_contract[0]]
+  n = math.prod(qw.shape[d] for d in lay.w_free)
+  tiles = dict(qw.tile_sizes)
+  tile = tiles.get(lay.w_contract[0])
+  packed = np.dtype(qv.dtype) == _INT4
+  float_x = np.dtype(x_dtype) in (np.dtype(jnp.bfloat16),
+                                  np.dtype(jnp.float16))
+  kernel = "weight_only" if mode == "weight_only" and float_x else "w8a8"
+  rows = 2 * m if mode == "weight_only" and not float_x else m
+  if pm == "auto":
+    t = thresholds(backend)
+    if m > t["max_m"] or k * n < t["min_weight"]:
+      return None
+  min_bm = 32 if backend == "tpu" else 16     # int8 sublane tile on TPU
+  blocks = kmm.gpu_blocks(rows, k, n, tile=tile, packed=packed,
+                          min_block_m=min_bm)
+  if blocks is None:
+    return None
+  return Plan(kernel, *blocks, packed, pm == "interpret")
+
+
+def pack(qw: QArray, dimension_numbers, x_ndim: int, weight_operand: int,
+         p: Plan) -> PallasWeight:
+  """Returns ``qw`` in the kernels' layout for plan ``p``. Run once,
+  outside jit (a weight-sized transpose)."""
+  lay = xmm.dot_layout(dimension_numbers, x_ndim, qw.ndim, weight_operand)
+  w = jnp.asarray(qw.qvalue).astype(jnp.int8)
+  perm = lay.w_contract + lay.w_free
+  w = jnp.transpose(w, perm).reshape(qw.shape[perm[0]], -1)        # [K, N]
+  k, n = w.shape
+  s = jnp.asarray(qw.scale, jnp.float32)
+  ws = jnp.transpose(s, perm).reshape(-1, n)                       # [T, N]
+  t = ws.shape[0]
+  wsum = jnp.sum(w.astype(jnp.int32).reshape(t, k // t, n), axis=1)
+  data = kmm.pack_int4_kn(w, p.block_k) if p.packed else w
+  data, ws, wsum = jax.block_until_ready(
+      (jnp.array(data, copy=True), ws, wsum))
+  return PallasWeight(data, ws, wsum, qw.scale, lay, p, qw.shape, qw.qtype,
+                      qw.channel_axes, qw.tile_sizes, qw.dtype)
+
+
+def quantized_dot(x, pw: PallasWeight, dimension_numbers, weight_operand: int,
+                  *, mode: str, act_qtype=None, act_scale=None,
+                  out_dtype=jnp.float32):
+  """``dot_general`` of activation ``x`` and a :class:`PallasWeight` on the
+  Pallas kernels (arguments as :func:`qlite.xla.matmul.quantized_dot`).
+  A weight packed for another dot's layout falls back to that function."""
+  lay = xmm.dot_layout(dimension_numbers, x.ndim, pw.ndim, weight_operand)
+  p = pw.plan
+  if lay != pw.layout:
+    return xmm.quantized_dot(x, pw.to_qarray(), dimension_numbers,
+                             weight_operand, mode=mode, act_qtype=act_qtype,
+                             act_scale=act_scale, out_dtype=out_dtype)
+  impl = "interpret" if p.interpret else "pallas"
+  kw = dict(block_m=p.block_m, block_n=p.block_n, block_k=p.block_k,
+            impl=impl, packed=p.packed)
+  x2 = xmm._canonical_x(x, lay)[0]                               # [M, K]
+  m = x2.shape[0]
+  if p.kernel == "weight_only":
+    y = kmm.weight_only_matmul(x2, pw.data, pw.wscale, **kw)
+  elif mode == "weight_only":        # two int8 digits per float32 row
+    digits, s1, s2 = xmm.split_activation(x2[None].astype(jnp.float32))
+    ys = kmm.w8a8_matmul(digits[0], pw.data,
+                         jnp.concatenate([s1[0], s2[0]], axis=0),
+                         pw.wscale, **kw)
+    y = ys[:m] + ys[m:]
+  elif mode == "drq":
+    a, s = xmm._per_row_codes(x2.astype(jnp.float32), 127.0)
+    y = kmm.w8a8_matmul(a.astype(jnp.int8), pw.data, s, pw.wscale, **kw)
+  else:                                                          # srq
+    scale, zp, qtype = act_scale
+    q = numerics.quantize_values(x2.astype(jnp.float32), jnp.float32(scale),
+                                 jnp.int32(zp), qt_lib.get_qtype(qtype))
+    xs = jnp.full((m, 1), scale, jnp.float32)
+    y = kmm.w8a8_matmul(q.astype(jnp.int8), pw.data, xs, pw.wscale,
+                        jnp.int32(zp) * pw.wsum, **kw)
+  return xmm._restore_output(y[None], x.shape, pw.shape, lay).astype(
+      out_dtype)
