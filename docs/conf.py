@@ -3,7 +3,8 @@
 Markdown guides (MyST) plus an API reference generated at build time from
 the docstrings of every public name (``_ext/qlite_api.py`` writes
 ``api/*.rst``), and the LiteRT op coverage table generated from the op
-handlers (``python -m qlite.ops.coverage``) into ``_generated/``. Both
+handlers (``python -m qlite.ops.coverage``) and the examples page (the
+docstrings of ``examples/*.py``) into ``_generated/``. Both
 generated folders are rebuilt on every build and ignored by git.
 """
 
@@ -60,9 +61,25 @@ def _generate(app):
   gen = HERE / "_generated"
   gen.mkdir(exist_ok=True)
   table = coverage.table() + "\n"
-  f = gen / "op_coverage.md"
-  if not f.exists() or f.read_text() != table:
-    f.write_text(table)
+  for name, text in (("op_coverage.md", table),
+                     ("examples.md", _examples_page())):
+    f = gen / name
+    if not f.exists() or f.read_text() != text:   # keep Sphinx's cache valid
+      f.write_text(text)
+
+
+def _examples_page() -> str:
+  """One section per examples/*.py script: its module docstring."""
+  import ast
+  out = []
+  for f in sorted((HERE.parent / "examples").glob("*.py")):
+    doc = ast.get_docstring(ast.parse(f.read_text()))
+    if not doc:
+      continue
+    first, _, rest = doc.partition("\n\n")
+    out += [f"## `examples/{f.name}`", "", first.replace("\n", " "), "",
+            "```text", rest.strip() or f"python examples/{f.name}", "```", ""]
+  return "\n".join(out) + "\n"
 
 
 def setup(app):
