@@ -88,6 +88,8 @@ class QatProvider(Provider):
     return build_plan(graph, self.matcher)
 
   def wrap_model(self, model, variables=None) -> "QatModel":
+    """Returns the :class:`QatModel` of ``model`` (called by
+    :func:`qlite.quantize_model`)."""
     return QatModel(model, self, variables)
 
   def forward(self, graph: graph_lib.Graph, plan: Plan, flat_params,

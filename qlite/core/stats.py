@@ -311,6 +311,9 @@ class QuantStats:
 
   # Pytree.
   def tree_flatten(self):
+    """Pytree protocol: the statistic arrays are the leaves; the boundary
+    and statistic names and ``meta`` the static part (``samples`` are not
+    carried)."""
     names = tuple(self.records)
     stat_names = tuple(tuple(self.records[n]) for n in names)
     leaves = [self.records[n][s] for n, ss in zip(names, stat_names) for s in ss]
@@ -319,6 +322,8 @@ class QuantStats:
 
   @classmethod
   def tree_unflatten(cls, aux, leaves):
+    """Pytree protocol: rebuilds the stats from :meth:`tree_flatten`'s
+    parts (without ``samples``)."""
     names, stat_names, meta = aux
     obj = object.__new__(cls)
     it = iter(leaves)

@@ -68,6 +68,8 @@ class PlanContext:
     return self.registry[node.name]
 
   def activation_inputs(self, node) -> list[int]:
+    """Indices of ``node``'s inputs that are activations (computed from the
+    model inputs, not constants or params)."""
     return [i for i, a in enumerate(node.inputs)
             if self.graph.is_activation(a)]
 
@@ -201,6 +203,8 @@ class Registry:
     return self._by_name.get(name, self._default)
 
   def handler(self, node) -> OpHandler:
+    """The handler of ``node``'s op (the default compute handler for an op
+    no family registers)."""
     return self[node.name]
 
   def __contains__(self, name: str) -> bool:
@@ -208,6 +212,7 @@ class Registry:
 
   @property
   def handlers(self) -> list[OpHandler]:
+    """The registered handlers, in registration order."""
     return list(self._handlers)
 
 
