@@ -131,24 +131,33 @@ def _labels(report, step: int, y0: int) -> list[str]:
   out = []
   n = len(report.layers)
   every = 1 if step >= 14 else math.ceil(14 / step)
+  shared = _shared(report)
   for i, r in enumerate(report.layers):
     if i % every:
       continue
     x = _LEFT + step * i + step / 2
-    label = _label(i, r, n)
+    label = _label(i, r, n, shared)
     out.append(f'<text x="{x:.1f}" y="{y0 + 10}" text-anchor="end" '
                f'transform="rotate(-50 {x:.1f} {y0 + 10})">'
                f"{html.escape(label)}</text>")
   return out
 
 
-def _label(i: int, r, n: int) -> str:
-  """``"<index> <layer>"`` (long paths cut to their end); the index alone
-  for more than 60 layers."""
+def _label(i: int, r, n: int, shared: set[str]) -> str:
+  """``"<index> <layer>"`` (long paths cut to their end; the op added when
+  several boundaries share the module path); the index alone for more than
+  60 layers."""
   if n > 60:
     return str(i)
   name = r.layer if len(r.layer) <= 28 else "..." + r.layer[-25:]
-  return f"{i} {name}"
+  return f"{i} {name}" + (f" {r.op}" if r.layer in shared else "")
+
+
+def _shared(report) -> set[str]:
+  seen, shared = set(), set()
+  for r in report.layers:
+    (shared if r.layer in seen else seen).add(r.layer)
+  return shared
 
 
 def _tooltip(i: int, r, metric: str) -> str:
@@ -168,8 +177,9 @@ def sqnr_svg(report, metric: str, marked: set[int]) -> str:
   step, width = _geometry(n)
   plot_h = 220
   y0 = _TOP + plot_h
-  longest = max((len(_label(i, r, n)) for i, r in enumerate(report.layers)),
-                default=1)
+  shared = _shared(report)
+  longest = max((len(_label(i, r, n, shared))
+                 for i, r in enumerate(report.layers)), default=1)
   height = y0 + 24 + int(5.2 * longest)
   vals = [r.sqnr(metric) for r in report.layers]
   finite = [v for v in vals if v is not None and math.isfinite(v)]
