@@ -91,6 +91,7 @@ class Plan:
   fused_nodes: set[int] = dataclasses.field(default_factory=set)
 
   def boundary_by_key(self) -> dict[str, Boundary]:
+    """The boundaries by stats key (``"Dense_0/dot_general"``)."""
     return {b.key: b for b in self.boundaries.values()}
 
 
