@@ -165,6 +165,7 @@ class PtqProvider(Provider):
 
   @property
   def rules(self):
+    """The provider's :class:`qlite.QuantizationRule` list."""
     return self.matcher.rules
 
   # -- planning -------------------------------------------------------------
