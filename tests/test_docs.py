@@ -48,6 +48,32 @@ def test_every_public_name_has_a_docstring():
       f"constants: a string right after the assignment): {missing}")
 
 
+def test_every_public_method_has_a_docstring():
+  # the reference lists a class's public methods and properties (its own or
+  # inherited docstring); one without a docstring would silently be left out
+  import inspect
+  missing, seen = [], set()
+  for m in qlite_api.public_modules():
+    mod = importlib.import_module(m)
+    for n in qlite_api.public_names(m):
+      cls = getattr(mod, n)
+      if not inspect.isclass(cls) or id(cls) in seen:
+        continue
+      seen.add(id(cls))
+      for k, v in vars(cls).items():
+        if k.startswith("_"):
+          continue
+        if isinstance(v, property):
+          documented = bool(v.__doc__)
+        elif callable(v) or isinstance(v, (classmethod, staticmethod)):
+          documented = bool(inspect.getdoc(getattr(cls, k)))
+        else:
+          continue
+        if not documented:
+          missing.append(f"{m}.{n}.{k}")
+  assert not missing, f"public methods without a docstring: {missing}"
+
+
 def test_data_docstring_follows_imports():
   # qlite.ops re-exports COMPUTE from qlite.ops.base: the doc found is the
   # string after the assignment there
@@ -120,6 +146,11 @@ def test_site_builds_strict_and_documents_every_public_name(tmp_path):
   from qlite.ops.registry import REGISTRY
   for h in REGISTRY.handlers:
     assert f"{h.family} (" in cov, h.family
+  # the examples page has a section per example script with a docstring
+  examples = (out / "examples.html").read_text()
+  for script in sorted((ROOT / "examples").glob("*.py")):
+    if ast.get_docstring(ast.parse(script.read_text())):
+      assert f"examples/{script.name}" in examples, script.name
   # every guide is in the table of contents
   index = (out / "index.html").read_text()
   for page in sorted(DOCS.glob("*.md")):
