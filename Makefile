@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) build *.egg-info digits_int8.tflite
+	rm -rf $(VENV) build *.egg-info digits_int8.tflite docs/_build docs/api docs/_generated
 
 .PHONY: fuzz zoo bench bench-quick bench-xla
 BENCH_STAMP := $(VENV)/.bench-installed
