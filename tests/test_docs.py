@@ -156,3 +156,49 @@ def test_site_builds_strict_and_documents_every_public_name(tmp_path):
   for page in sorted(DOCS.glob("*.md")):
     if page.stem != "index":
       assert f'href="{page.stem}.html"' in index, page.name
+
+
+def _marked_blocks(page: pathlib.Path):
+  """``(tag, code)`` of the fenced blocks right after a ``<!-- run -->`` or
+  ``<!-- output -->`` line, in page order."""
+  lines = page.read_text().split("\n")
+  out = []
+  for i, ln in enumerate(lines):
+    tag = re.fullmatch(r"<!-- (run|output) -->", ln.strip())
+    if tag and i + 1 < len(lines) and lines[i + 1].startswith("```"):
+      end = next(j for j in range(i + 2, len(lines))
+                 if lines[j].startswith("```"))
+      out.append((tag.group(1), "\n".join(lines[i + 2:end])))
+  return out
+
+
+GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md")
+
+
+def test_marked_guide_blocks_exist():
+  for name in GUIDES_WITH_RUN_BLOCKS:
+    tags = [t for t, _ in _marked_blocks(DOCS / name)]
+    assert tags.count("run") >= 2 and tags.count("output") >= 2, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GUIDES_WITH_RUN_BLOCKS)
+def test_guide_code_runs_and_prints_what_the_page_shows(name, tmp_path):
+  """The ``<!-- run -->`` blocks of a guide run, in order, as one script;
+  every line of each ``<!-- output -->`` block is a line it printed."""
+  blocks = _marked_blocks(DOCS / name)
+  script = "\n\n".join(code for tag, code in blocks if tag == "run")
+  (tmp_path / "guide.py").write_text(script)
+  proc = subprocess.run([sys.executable, "guide.py"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=900,
+                        env={**__import__("os").environ,
+                             "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  printed = {ln.rstrip() for ln in proc.stdout.splitlines()}
+  for tag, text in blocks:
+    if tag == "output":
+      missing = [ln for ln in text.splitlines()
+                 if ln.strip() and ln.rstrip() not in printed]
+      assert not missing, (f"{name}: lines the page shows but the code did "
+                           f"not print: {missing}\n--- printed:\n"
+                           f"{proc.stdout[-4000:]}")
