@@ -148,18 +148,32 @@ def _block(x, pos0, cache, cfg: LMConfig, p):
   return x + y, new_k, new_v
 
 
+@jax.custom_jvp
+def _lookup_rows(flat_ids, table):
+  return jax.lax.composite(lambda i, w: jnp.take(w, i, axis=0),
+                           name="odml.embedding_lookup")(flat_ids, table)
+
+
+@_lookup_rows.defjvp
+def _lookup_rows_jvp(primals, tangents):
+  # composite has no differentiation rule: the lookup is linear in the
+  # table, so its tangent is the same lookup of the table's tangent.
+  flat_ids, table = primals
+  return _lookup_rows(flat_ids, table), jnp.take(tangents[1], flat_ids,
+                                                 axis=0)
+
+
 def embedding_lookup(table, ids):
   """``table[ids]`` for int32 ids [B, T] and a [V, D] table, as a
   ``jax.lax.composite`` named ``odml.embedding_lookup`` over the flat ids:
   the converter lowers it to LiteRT's EMBEDDING_LOOKUP, whose table is the
   same buffer as the tied output projection's FULLY_CONNECTED weights (a
   plain ``jnp.take`` becomes a GATHER_ND whose table quantizers leave float,
-  one copy per signature)."""
+  one copy per signature). Differentiable (trainable) through a custom JVP.
+  """
   b, t = ids.shape
   flat = ids.reshape(b * t).astype(jnp.int32)
-  rows = jax.lax.composite(lambda i, w: jnp.take(w, i, axis=0),
-                           name="odml.embedding_lookup")(flat, table)
-  return rows.reshape(b, t, table.shape[1])
+  return _lookup_rows(flat, table).reshape(b, t, table.shape[1])
 
 
 def _forward(embed, final_norm, blocks, ids, pos0, caches,
