@@ -362,3 +362,15 @@ def test_quantized_dot_routes_by_plan():
         y_x = np.asarray(jax.jit(lambda x, w: xla.quantized_dot(
             x, w, dn, 1, mode="drq", act_qtype="int8"))(x, pw))
       np.testing.assert_allclose(y, y_x, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_doctor_prints_the_report(capsys):
+  from qlite import cli
+  assert cli.main(["doctor"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("qlite CPU kernels: ")
+  assert "family in use: " in out
+  if cpu_kernels.available():
+    fam = cpu_kernels.family()
+    assert f"family in use: {fam} (" in out
+    assert out.count("weights: ") == 4      # the four dot kinds, one a line

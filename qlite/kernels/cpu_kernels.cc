@@ -51,6 +51,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -366,19 +367,45 @@ void Range(const Problem& p, int path, int64_t n0, int64_t n1) {
   }
 }
 
-// Runs Range over [0, N) split in chunks over the pool (the caller takes the
-// first chunk) and waits for all of them. Chunks split N (multiples of 4, or
-// of a 64-column panel in the GEMM form); a GEMM with fewer panels than
-// threads splits its rows instead.
-void Run(const Problem& p, int path, ffi::ThreadPool& pool) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t align = path == 4 ? 64 : 4;
+// Chunks of one call and the claim counter the caller and the pool tasks
+// share. Held by shared_ptr: a pool task that starts after the caller has
+// finished every chunk finds none left and touches nothing else.
+struct Work {
+  std::vector<Problem> parts;
+  std::vector<std::pair<int64_t, int64_t>> cols;
+  int path = 0;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
 
-  // At least ~1 MiB of weight bytes (x activation rows / 4) per chunk.
+  // Claims and runs chunks until none is left; true if it ran any.
+  void Drain() {
+    const int64_t n = static_cast<int64_t>(parts.size());
+    for (int64_t c; (c = next.fetch_add(1)) < n;) {
+      Range(parts[c], path, cols[c].first, cols[c].second);
+      std::lock_guard<std::mutex> l(mu);
+      if (++done == n) cv.notify_all();
+    }
+  }
+};
+
+// Runs Range over [0, N) split in chunks over the pool and waits for all of
+// them. Chunks split N (multiples of 4, or of a 64-column panel in the GEMM
+// form); a GEMM with fewer panels than threads splits its rows instead.
+// Chunks are claimed, not assigned: the caller runs chunks until none is
+// left, so a pool thread that is slow to start (a loaded machine) delays
+// the call by at most the chunk it claimed, never by a chunk waiting for
+// it. Up to 4 chunks per thread, each at least ~1 MiB of weight bytes x
+// activation rows / 4.
+void Run(const Problem& p, int path, ffi::ThreadPool& pool) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t align = path == 4 ? 64 : 4;
   const int64_t row_bytes = p.int4 ? p.k / 2 : p.k;
-  int64_t by_size = std::max<int64_t>(
+  const int64_t by_size = std::max<int64_t>(
       1, (p.n * row_bytes * std::max<int64_t>(1, p.m / 4)) >> 20);
-  int64_t chunks = std::min<int64_t>(threads, by_size);
+  int64_t chunks = std::min<int64_t>(threads == 1 ? 1 : 4 * threads,
+                                     by_size);
   const bool split_m = path == 4 && (p.n + align - 1) / align < chunks &&
                        p.m >= 32;
   if (!split_m)
@@ -390,8 +417,8 @@ void Run(const Problem& p, int path, ffi::ThreadPool& pool) {
   }
   // chunk c as its own problem: a column range, or a row range (sub-problem
   // with the activations / sums / outputs offset)
-  std::vector<Problem> parts;
-  std::vector<std::pair<int64_t, int64_t>> cols;
+  auto work = std::make_shared<Work>();
+  work->path = path;
   if (split_m) {
     const int64_t per = (p.m + chunks - 1) / chunks;
     for (int64_t m0 = 0; m0 < p.m; m0 += per) {
@@ -401,33 +428,23 @@ void Run(const Problem& p, int path, ffi::ThreadPool& pool) {
       if (q.a8) q.a8 += m0 * p.k;
       if (q.asum) q.asum += m0 * p.t;
       q.out += m0 * p.t * p.n;
-      parts.push_back(q);
-      cols.emplace_back(0, p.n);
+      work->parts.push_back(q);
+      work->cols.emplace_back(0, p.n);
     }
   } else {
     const int64_t per = ((p.n + chunks - 1) / chunks + align - 1) / align * align;
     for (int64_t n0 = 0; n0 < p.n; n0 += per) {
-      parts.push_back(p);
-      cols.emplace_back(n0, std::min(p.n, n0 + per));
+      work->parts.push_back(p);
+      work->cols.emplace_back(n0, std::min(p.n, n0 + per));
     }
   }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = 0;
-  for (size_t c = 1; c < parts.size(); ++c) {
-    {
-      std::lock_guard<std::mutex> l(mu);
-      ++pending;
-    }
-    pool.Schedule([&, c] {
-      Range(parts[c], path, cols[c].first, cols[c].second);
-      std::lock_guard<std::mutex> l(mu);
-      if (--pending == 0) cv.notify_all();
-    });
-  }
-  Range(parts[0], path, cols[0].first, cols[0].second);
-  std::unique_lock<std::mutex> l(mu);
-  cv.wait(l, [&] { return pending == 0; });
+  const int64_t n = static_cast<int64_t>(work->parts.size());
+  const int64_t helpers = std::min<int64_t>(threads, n) - 1;
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> l(work->mu);
+  work->cv.wait(l, [&] { return work->done == n; });
 }
 
 ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,

@@ -9,6 +9,7 @@
 #define QLITE_KERNELS_CPU_KERNELS_CORE_H_
 
 #include <cstdint>
+#include <vector>
 
 namespace qlite_kernels {
 
@@ -39,26 +40,38 @@ inline int8_t WeightAt(const Problem& p, int64_t row, int64_t kk) {
   return Nibble(r[block * 32 + (i % 32)], i >= 32);
 }
 
-// Activation value (m, k): the int16 rows when present, else the int8 ones.
-inline int32_t ActAt(const Problem& p, int64_t mi, int64_t kk) {
-  return p.a != nullptr ? static_cast<int32_t>(p.a[mi * p.k + kk])
-                        : static_cast<int32_t>(p.a8[mi * p.k + kk]);
-}
-
-// Output columns [n0, n1) of every row: the reference every SIMD path must
-// match exactly (and the tail of the paths that work in blocks of 4).
-inline void RangeScalar(const Problem& p, int64_t n0, int64_t n1) {
+// Output columns [n0, n1) of every row over activations `a` (int16 or
+// int8 rows): one weight row at a time (int4 unpacked once into `row`),
+// plain loops the compiler may vectorize for the baseline instruction set.
+template <typename A>
+inline void RangeScalarT(const Problem& p, const A* a, int64_t n0,
+                         int64_t n1) {
   const int64_t tk = p.k / p.t;
+  std::vector<int8_t> row(p.int4 ? p.k : 0);
   for (int64_t j = n0; j < n1; ++j) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + j * p.k;
+    if (p.int4) {
+      for (int64_t kk = 0; kk < p.k; ++kk) row[kk] = WeightAt(p, j, kk);
+      w = row.data();
+    }
     for (int64_t mi = 0; mi < p.m; ++mi) {
+      const A* ar = a + mi * p.k;
       for (int64_t ti = 0; ti < p.t; ++ti) {
         int32_t acc = 0;
         for (int64_t kk = ti * tk; kk < (ti + 1) * tk; ++kk)
-          acc += ActAt(p, mi, kk) * WeightAt(p, j, kk);
+          acc += static_cast<int32_t>(ar[kk]) * static_cast<int32_t>(w[kk]);
         p.out[(mi * p.t + ti) * p.n + j] = acc;
       }
     }
   }
+}
+
+// The reference every SIMD path must match exactly (and the tail of the
+// paths that work in blocks of 4 columns): the int16 rows when present,
+// else the int8 ones.
+inline void RangeScalar(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.a != nullptr) RangeScalarT(p, p.a, n0, n1);
+  else RangeScalarT(p, p.a8, n0, n1);
 }
 
 // Row blocking shared by every SIMD form: blocks of R rows over [c0, c1),
