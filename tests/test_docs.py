@@ -172,7 +172,8 @@ def _marked_blocks(page: pathlib.Path):
   return out
 
 
-GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md", "calibration.md")
+GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md", "calibration.md",
+                          "xla.md")
 
 
 def test_marked_guide_blocks_exist():
