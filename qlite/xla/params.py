@@ -19,6 +19,7 @@ from qlite.core.qarray import QArray, is_qarray, quantize
 from qlite.core.qtypes import get_qtype
 from qlite.errors import QliteError
 from qlite.rules import QuantizationRule
+from qlite.xla import sharding as sharding_lib
 from qlite.xla.provider import PtqModel, PtqProvider
 
 __all__ = ["abstract_quantized_params", "quantize_params", "save_qparams",
@@ -107,10 +108,11 @@ def _quantize_like(x, abstract: QArray) -> QArray:
                      f"{tuple(np.shape(x))}, its abstract QArray "
                      f"{abstract.shape}: pass the matching subtree")
   method = "minmax" if abstract.zero_point is not None else "absmax"
-  return quantize(jnp.asarray(x), abstract.qtype,
-                  channel_axes=abstract.channel_axes,
-                  tile_sizes=dict(abstract.tile_sizes) or None,
-                  method=method, narrow_range=abstract.qtype.is_int)
+  q = quantize(jnp.asarray(x), abstract.qtype,
+               channel_axes=abstract.channel_axes,
+               tile_sizes=dict(abstract.tile_sizes) or None,
+               method=method, narrow_range=abstract.qtype.is_int)
+  return sharding_lib.follow(q, x, abstract)   # keeps a mesh layout
 
 
 def _same(x, abstract):
@@ -198,12 +200,16 @@ def _storable_abstract(a):
   if is_qarray(a):
     qv = a.qvalue
     dtype = np.int8 if np.dtype(qv.dtype) == _INT4 else qv.dtype
-    return QArray(jax.ShapeDtypeStruct(qv.shape, dtype),
-                  jax.ShapeDtypeStruct(a.scale.shape, a.scale.dtype),
+    sh = lambda v: getattr(v, "sharding", None)   # restore onto a mesh
+    return QArray(jax.ShapeDtypeStruct(qv.shape, dtype, sharding=sh(qv)),
+                  jax.ShapeDtypeStruct(a.scale.shape, a.scale.dtype,
+                                       sharding=sh(a.scale)),
                   None if a.zero_point is None else
-                  jax.ShapeDtypeStruct(a.zero_point.shape, np.int32),
+                  jax.ShapeDtypeStruct(a.zero_point.shape, np.int32,
+                                       sharding=sh(a.zero_point)),
                   a.qtype, a.channel_axes, a.tile_sizes, a.dtype)
-  return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+  return jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                              sharding=getattr(a, "sharding", None))
 
 
 def _checkpointer():

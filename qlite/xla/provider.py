@@ -37,6 +37,7 @@ from qlite.quant.provider import Provider, QuantizedModel
 from qlite.rules import QuantizationRule, RuleMatcher
 from qlite.xla import matmul
 from qlite.xla import pallas as pallas_lib
+from qlite.xla import sharding as sharding_lib
 
 __all__ = ["PtqProvider", "PtqModel", "QuantizedOp", "quantize_model",
            "scale_source"]
@@ -270,8 +271,8 @@ class PtqProvider(Provider):
     """Returns ``flat_params`` with each quantized weight param as a QArray."""
     out = list(flat_params)
     for i, op in state.param_ops().items():
-      if not isinstance(out[i], QArray):
-        out[i] = op.quantize_weight(out[i])
+      if not isinstance(out[i], QArray):   # keeps the weight's mesh layout
+        out[i] = sharding_lib.follow(op.quantize_weight(out[i]), out[i])
     return out
 
   def prepare_flat_params(self, graph: graph_lib.Graph, state: PtqState,
@@ -311,9 +312,9 @@ class PtqProvider(Provider):
     ids = (key,) + tuple(id(p) for p in flat_params)
     if ids not in self._qcache:
       self._qcache.clear()
-      self._qcache[ids] = (list(flat_params),
-                           self.prepare_flat_params(graph, state, flat_params))
-    return fn(self._qcache[ids][1], list(flat_args))
+      self._qcache[ids] = (list(flat_params), self.prepare_flat_params(
+          graph, state, sharding_lib.auto_axes(list(flat_params))))
+    return fn(self._qcache[ids][1], sharding_lib.auto_axes(list(flat_args)))
 
 
 class PtqModel(QuantizedModel):
