@@ -173,7 +173,7 @@ def _marked_blocks(page: pathlib.Path):
 
 
 GUIDES_WITH_RUN_BLOCKS = ("getting_started.md", "compare.md", "calibration.md",
-                          "xla.md")
+                          "xla.md", "qat.md")
 
 
 def test_marked_guide_blocks_exist():
