@@ -25,7 +25,7 @@ PKG = ROOT / "qlite"
 EXTRA_MODULES = ("qlite.metrics",)
 
 # The order of the reference pages (others follow alphabetically).
-ORDER = ("qlite", "qlite.annotate", "qlite.litert", "qlite.xla",
+ORDER = ("qlite", "qlite.litert", "qlite.annotate", "qlite.xla",
          "qlite.kernels", "qlite.metrics", "qlite.core",
          "qlite.core.calibration", "qlite.ops")
 
