@@ -219,3 +219,57 @@ def test_headless_chromium_renders_the_page(wrong_scale_report, tmp_path):
   assert shot.returncode == 0, shot.stderr[-2000:]
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(png) > 10_000
+
+
+def _synthetic_report(n):
+  """n layers in EncoderLayer_0 / EncoderLayer_1; layer 5 exact (inf dB),
+  layer 7 unmatched, layer 40 the worst."""
+  from qlite.analysis.report import LayerRow, OutputRow, PairMetrics
+  rows = []
+  for i in range(n):
+    sq = 30.0 + (i % 7)
+    if i == 5:
+      sq = math.inf
+    if i == 40:
+      sq = 3.5
+    m = {"fakequant_vs_float": PairMetrics(0.1, 0.01, sq, 0.99),
+         "own_vs_float": PairMetrics(0.1, 0.01, sq, 0.99)}
+    if i != 7:
+      m["litert_vs_float"] = PairMetrics(0.1, 0.01, sq, 0.99)
+      m["litert_vs_fakequant"] = PairMetrics(0.1, 0.01, 50.0, 0.99)
+    path = f"EncoderLayer_{i * 2 // n}/Dense_{i % 5}"
+    rows.append(LayerRow(f"{path}/dot_general", path, "dot_general",
+                         (1, 8), 0.01, 0, None if i == 7 else i,
+                         None if i == 7 else f"t{i}",
+                         "no LiteRT tensor" if i == 7 else "by scale", m,
+                         None if i == 7 else 1.0))
+  out = OutputRow(0, (1, 8), 0.01, {
+      k: PairMetrics(0.1, 0.01, 30.0, 0.99, 1.0) for k in
+      ("fakequant_vs_float", "litert_vs_float", "litert_vs_fakequant")}, 1.0)
+  return Report("synthetic", "<bytes>", 4, 1, [out], rows)
+
+
+def test_many_layers_inf_and_unmatched():
+  rep = _synthetic_report(80)
+  page = rep.to_html()
+  svg = _svg(page, "sqnr-chart")
+  bars = _bars(svg, "bar")
+  assert len(bars) == 79                      # the unmatched one: no bar
+  assert 7 not in {int(b.get("data-index")) for b in bars}
+  lowest = min(bars, key=lambda b: float(b.get("data-sqnr")))
+  assert lowest.get("data-index") == "40" and lowest in _bars(svg, "worst")
+  assert len(_bars(svg, "worst")) == 3
+  inf = _bars(svg, "inf")
+  assert [b.get("data-index") for b in inf] == ["5"]
+  assert "5" not in [b.get("data-index") for b in _bars(svg, "worst")]
+  assert inf[0].get("data-sqnr") == "inf"
+  # The exact layer's bar reaches the top of the axis: the tallest bar.
+  assert float(inf[0].get("height")) == max(float(b.get("height"))
+                                            for b in bars)
+  texts = ["".join(t.itertext()) for t in svg.iter(f"{SVG_NS}text")]
+  # > 60 layers: index labels, module groups under them, no value labels.
+  assert "EncoderLayer_0" in texts and "EncoderLayer_1" in texts
+  assert "40" in texts and not any(t.startswith("40 ") for t in texts)
+  assert "3.5" not in texts
+  # The unmatched layer is listed with its reason.
+  assert "Unmatched (1)" in page and "no LiteRT tensor" in page

@@ -140,6 +140,27 @@ def _labels(report, step: int, y0: int) -> list[str]:
     out.append(f'<text x="{x:.1f}" y="{y0 + 10}" text-anchor="end" '
                f'transform="rotate(-50 {x:.1f} {y0 + 10})">'
                f"{html.escape(label)}</text>")
+  if n > 60:
+    out += _groups(report, step, y0 + 34)
+  return out
+
+
+def _groups(report, step: int, y: int) -> list[str]:
+  """Under index-only labels: a bracket per run of consecutive layers in
+  the same top-level module, named where it fits."""
+  out, start = [], 0
+  tops = [r.layer.split("/")[0] for r in report.layers]
+  for i in range(1, len(tops) + 1):
+    if i < len(tops) and tops[i] == tops[start]:
+      continue
+    x0, x1 = _LEFT + step * start + 2, _LEFT + step * i - 2
+    if x1 - x0 >= 6:
+      out.append(f'<line class="group" x1="{x0}" x2="{x1}" y1="{y}" '
+                 f'y2="{y}" stroke="#8a93a3"/>')
+      if x1 - x0 >= 6.5 * len(tops[start]):
+        out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{y + 13}" '
+                   f'text-anchor="middle">{html.escape(tops[start])}</text>')
+    start = i
   return out
 
 
@@ -180,7 +201,7 @@ def sqnr_svg(report, metric: str, marked: set[int]) -> str:
   shared = _shared(report)
   longest = max((len(_label(i, r, n, shared))
                  for i, r in enumerate(report.layers)), default=1)
-  height = y0 + 24 + int(5.2 * longest)
+  height = y0 + 24 + int(5.2 * longest) + (26 if n > 60 else 0)
   vals = [r.sqnr(metric) for r in report.layers]
   finite = [v for v in vals if v is not None and math.isfinite(v)]
   top = max(10.0, math.ceil((max(finite) if finite else 10.0) / 10) * 10)
@@ -221,7 +242,7 @@ def sqnr_svg(report, metric: str, marked: set[int]) -> str:
         f'width="{w}" height="{max(yb - ya, 0.5):.1f}" '
         f'data-index="{i}" data-layer="{e(r.layer)}" '
         f'data-sqnr="{_attr_num(v)}">{tip}</rect></a>')
-    if i in marked:
+    if i in marked and step >= 28:     # narrower: the value is on hover
       out.append(f'<text x="{x + w / 2:.1f}" y="{ya - 3:.1f}" '
                  f'text-anchor="middle" style="fill:#d93a2b">'
                  f"{v:.1f}</text>")
