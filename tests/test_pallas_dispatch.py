@@ -223,3 +223,37 @@ def test_switch_and_auto_thresholds(monkeypatch):
   assert plan(8) is None
   monkeypatch.setenv("QLITE_PALLAS", "interpret")   # ignores thresholds
   assert plan(1000).interpret
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_for_gpu_and_tpu(platform):
+  """No accelerator here: lower every kernel form the provider uses for
+  CUDA (Triton: power-of-two loads, int8 dots, shifts) and TPU (Mosaic)
+  with jax.export, which runs the Pallas lowering rules of that backend."""
+  pl_name = "gpu" if platform == "cuda" else "tpu"
+  s = jax.ShapeDtypeStruct
+  k, n = 1024, 256
+  cases = []
+  for m, packed, tiles, zp in [(1, False, 1, False), (16, True, 1, False),
+                               (64, False, 4, True), (40, True, 4, False)]:
+    tile = k // tiles if tiles > 1 else None
+    bm, bn, bk = kmm.gpu_blocks(m, k, n, tile=tile, packed=packed,
+                                min_block_m=16 if pl_name == "gpu" else 32)
+    kw = dict(block_m=bm, block_n=bn, block_k=bk, impl="pallas",
+              packed=packed, platform=pl_name)
+    w = s((k // 2 if packed else k, n), jnp.int8)
+    args = [s((m, k), jnp.int8), w, s((m, 1), jnp.float32),
+            s((tiles, n), jnp.float32)]
+    if zp:
+      args.append(s((tiles, n), jnp.int32))
+    cases.append((lambda *a, kw=kw: kmm.w8a8_matmul(*a, **kw), args))
+    cases.append((lambda *a, kw=kw: kmm.weight_only_matmul(*a, **kw),
+                  [s((m, k), jnp.bfloat16), w, s((tiles, n), jnp.float32)]))
+  for f, args in cases:
+    exp = jax.export.export(
+        jax.jit(f), platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+            "__gpu$xla.gpu.triton")])(*args)
+    text = exp.mlir_module()
+    assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") \
+        in text

@@ -78,6 +78,21 @@ def dispatch(impl: str = "auto") -> str:
   return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
+def _compiler_params(impl: str, platform: str | None):
+  """Triton on GPU (jax's default there is Mosaic GPU, whose copies take at
+  most 256 elements a dimension: these kernels read the whole K extent of a
+  block); backend defaults elsewhere. ``platform``: lower for this one
+  (``"gpu"`` / ``"tpu"``) instead of the default backend (cross-platform
+  ``jax.export`` checks)."""
+  if impl == "interpret":
+    return None
+  platform = platform or jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+  return None
+
+
 def _block(dim: int, want: int) -> int:
   b = min(want, dim)
   while dim % b:
@@ -173,14 +188,15 @@ def _w8a8_kernel(x_ref, w_ref, xs_ref, ws_ref, *rest, bk: int, nk: int,
   bm, bn = o_ref.shape
 
   def part(i):
+    k0 = pl.multiple_of(i * bk, bk)
     if packed:
       h = bk // 2
-      lo, hi = _unpack(w_ref[pl.ds(i * h, h), :])
-      p = jnp.dot(x_ref[:, pl.ds(i * bk, h)], lo,
+      lo, hi = _unpack(w_ref[pl.ds(pl.multiple_of(i * h, h), h), :])
+      p = jnp.dot(x_ref[:, pl.ds(k0, h)], lo,
                   preferred_element_type=jnp.int32)
-      return p + jnp.dot(x_ref[:, pl.ds(i * bk + h, h)], hi,
+      return p + jnp.dot(x_ref[:, pl.ds(pl.multiple_of(k0 + h, h), h)], hi,
                          preferred_element_type=jnp.int32)
-    return jnp.dot(x_ref[:, pl.ds(i * bk, bk)], w_ref[pl.ds(i * bk, bk), :],
+    return jnp.dot(x_ref[:, pl.ds(k0, bk)], w_ref[pl.ds(k0, bk), :],
                    preferred_element_type=jnp.int32)
 
   if tiled:               # one K block per tile: its scale applied per block
@@ -229,10 +245,10 @@ def w8a8_matmul_xla(xq, wq, x_scale, w_scale, zw=None, *, packed=False,
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k",
-                                             "impl", "packed"))
+                                             "impl", "packed", "platform"))
 def w8a8_matmul(xq, wq, x_scale, w_scale, zw=None, *, block_m: int = 128,
                 block_n: int = 128, block_k: int = 256, impl: str = "auto",
-                packed: bool = False):
+                packed: bool = False, platform: str | None = None):
   """Returns float32 ``[M, N]`` = ``x_scale [M,1] * sum_t (int32(xq [M,K] @
   wq [K,N])_t - zw_t) * w_scale_t``.
 
@@ -250,6 +266,8 @@ def w8a8_matmul(xq, wq, x_scale, w_scale, zw=None, *, block_m: int = 128,
     impl: ``auto`` | ``pallas`` | ``interpret`` (Pallas in interpret mode,
       any backend) | ``xla``.
     packed: ``wq`` holds int4 packed two a byte.
+    platform: lower the Pallas kernel for ``"gpu"`` (Triton) or ``"tpu"``
+      (Mosaic) rather than for the default backend (``jax.export`` checks).
   """
   impl = dispatch(impl)
   n = wq.shape[1]
@@ -261,7 +279,7 @@ def w8a8_matmul(xq, wq, x_scale, w_scale, zw=None, *, block_m: int = 128,
   if impl == "xla":
     return w8a8_matmul_xla(xq, wq, x_scale, ws, zw, packed=packed, group=bk)
   xs = jnp.asarray(x_scale, jnp.float32).reshape(-1, 1)
-  bm, bn = min(block_m, m), _block(n, block_n)
+  bm, bn = block_m, _block(n, block_n)      # M padded up to the block
   if m % bm:                         # pad rows (their scale 1, values 0)
     xq, xs = _pad_rows(xq, bm), _pad_rows(xs, bm, 1.0)
   mp = xq.shape[0]
@@ -281,6 +299,7 @@ def w8a8_matmul(xq, wq, x_scale, w_scale, zw=None, *, block_m: int = 128,
       in_specs=specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=impl == "interpret",
+      compiler_params=_compiler_params(impl, platform),
   )(*args)
   return out[:m]
 
@@ -297,16 +316,17 @@ def _wo_kernel(x_ref, w_ref, s_ref, o_ref, *, bk: int, nk: int, tiled: bool,
   cdt = _compute_dtype(x_ref.dtype)
 
   def part(i):
+    k0 = pl.multiple_of(i * bk, bk)
     if packed:                                   # in-block int4 dequant
       h = bk // 2
-      lo, hi = _unpack(w_ref[pl.ds(i * h, h), :])
-      xa = x_ref[:, pl.ds(i * bk, h)].astype(cdt)
-      xb = x_ref[:, pl.ds(i * bk + h, h)].astype(cdt)
+      lo, hi = _unpack(w_ref[pl.ds(pl.multiple_of(i * h, h), h), :])
+      xa = x_ref[:, pl.ds(k0, h)].astype(cdt)
+      xb = x_ref[:, pl.ds(pl.multiple_of(k0 + h, h), h)].astype(cdt)
       return (jnp.dot(xa, lo.astype(cdt), preferred_element_type=jnp.float32)
               + jnp.dot(xb, hi.astype(cdt),
                         preferred_element_type=jnp.float32))
-    x = x_ref[:, pl.ds(i * bk, bk)].astype(cdt)
-    w = w_ref[pl.ds(i * bk, bk), :].astype(cdt)   # in-block dequant
+    x = x_ref[:, pl.ds(k0, bk)].astype(cdt)
+    w = w_ref[pl.ds(k0, bk), :].astype(cdt)       # in-block dequant
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
   def body(i, acc):
@@ -341,15 +361,17 @@ def weight_only_matmul_xla(x, wq, w_scale, *, packed=False, group=None):
 
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k",
-                                             "impl", "packed"))
+                                             "impl", "packed", "platform"))
 def weight_only_matmul(x, wq, w_scale, *, block_m: int = 128,
                        block_n: int = 128, block_k: int = 256,
-                       impl: str = "auto", packed: bool = False):
+                       impl: str = "auto", packed: bool = False,
+                       platform: str | None = None):
   """Returns float32 ``x [M,K] @ dequant(wq [K,N])``; ``wq`` int8 or int4
   (or, ``packed``, int8 ``[K/2, N]`` from :func:`pack_int4_kn` with ``group
   = block_k``); ``w_scale`` ``[1, N]`` (per channel) or ``[T, N]`` (T tiles
   along K; the K block is then the tile). Products in ``x``'s dtype when it
-  is bf16 / f16, else float32. ``impl`` as in :func:`w8a8_matmul`."""
+  is bf16 / f16, else float32. ``impl`` and ``platform`` as in
+  :func:`w8a8_matmul`."""
   impl = dispatch(impl)
   n = wq.shape[1]
   w_scale = _as_tiles(w_scale, n)
@@ -359,7 +381,7 @@ def weight_only_matmul(x, wq, w_scale, *, block_m: int = 128,
   bk = k // t if tiled else _block(k, block_k)
   if impl == "xla":
     return weight_only_matmul_xla(x, wq, w_scale, packed=packed, group=bk)
-  bm, bn = min(block_m, m), _block(n, block_n)
+  bm, bn = block_m, _block(n, block_n)      # M padded up to the block
   x = _pad_rows(x, bm) if m % bm else x
   mp = x.shape[0]
   out = pl.pallas_call(
@@ -372,5 +394,6 @@ def weight_only_matmul(x, wq, w_scale, *, block_m: int = 128,
                 pl.BlockSpec((t, bn), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       interpret=impl == "interpret",
+      compiler_params=_compiler_params(impl, platform),
   )(x, wq, w_scale)
   return out[:m]
