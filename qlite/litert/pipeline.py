@@ -20,6 +20,7 @@ from qlite.core import calibration
 from qlite.core.stats import QuantStats
 from qlite.errors import (CalibrationError, ConversionError, QliteError,
                           UnsupportedOpError)
+from qlite.ops import int_lookup
 from qlite.trace import graph as graph_lib
 from qlite.quant import fingerprint
 from qlite.quant.batches import describe_bad_batch
@@ -99,7 +100,9 @@ def _litert_calibration_step(qm, provider, graph, plan):
   bounds = [b for b in plan.boundaries.values() if b.calibrated]
   flat_params = jax.tree.leaves(qm.mf.params)
   folded = graph_lib.fold_static(graph, flat_params)
-  sub = dataclasses.replace(graph, out_vars=[b.var for b in bounds])
+  probes = list(plan.probes.items())   # integers lookup tables read
+  sub = dataclasses.replace(graph, out_vars=[b.var for b in bounds] +
+                            [v for v, _ in probes])
 
   def fn(*flat_args):
     return graph_lib.evaluate(sub, flat_params, flat_args, preset=folded)
@@ -110,10 +113,10 @@ def _litert_calibration_step(qm, provider, graph, plan):
   weight_bytes = sum(getattr(p, "nbytes", 0) for p in flat_params)
   if weight_bytes >= CALIBRATION_WEIGHTS_AS_INPUTS_BYTES:
     blob, weights = litert.convert_function_weights_as_inputs(
-        holder, avals, num_outputs=len(bounds))
+        holder, avals, num_outputs=len(sub.out_vars))
   else:
     blob, weights = litert.convert_function(
-        holder, avals, quantized=False, num_outputs=len(bounds)), []
+        holder, avals, quantized=False, num_outputs=len(sub.out_vars)), []
   runner = TFLiteRunner(blob)
   runner.set_fixed_inputs(weights)
   del weights
@@ -122,10 +125,12 @@ def _litert_calibration_step(qm, provider, graph, plan):
 
   def step(flat_args):
     outs = runner.run(*[np.asarray(a) for a in flat_args])
-    provider.record(plan, {
-        b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p,
-                                       with_histogram=h)
-        for b, o, p, h in zip(bounds, outs, pct, hist)})
+    stats = {b.key: calibration.batch_stats(np.asarray(o), with_percentiles=p,
+                                            with_histogram=h)
+             for b, o, p, h in zip(bounds, outs, pct, hist)}
+    for (_, key), o in zip(probes, outs[len(bounds):]):
+      stats[key] = int_lookup.probe_stats(np.asarray(o))
+    provider.record(plan, stats)
   return step
 
 

@@ -8,12 +8,13 @@ own. A new op family: a module with a ``HANDLERS`` tuple, listed here.
 from __future__ import annotations
 
 from qlite.ops import (activations, conv, elementwise, fully_connected, gelu,
-                       masking, normalization, reductions, resize, segment,
-                       shape, softmax)
+                       int_lookup, masking, normalization, reductions, resize,
+                       segment, shape, softmax)
 from qlite.ops.base import Registry
 
 FAMILIES = (conv, fully_connected, elementwise, activations, softmax, gelu,
-            reductions, resize, shape, normalization, masking, segment)
+            reductions, resize, shape, normalization, masking, segment,
+            int_lookup)
 """The op-handler modules, one per op family; each has a ``HANDLERS``
 tuple (the coverage table, ``python -m qlite.ops.coverage``, lists them)."""
 

@@ -41,10 +41,14 @@ class Cast(PassThrough):
   """``convert_element_type``: float -> float passes its input's scale; a
   bool -> float cast of a computed value (``mask.astype(jnp.float32)``) has
   no int8 form (CAST to float), so it runs as ``where(b, 1, 0)``: SELECT of
-  two quantized constants."""
+  two quantized constants. An int -> float cast of a computed integer (and
+  the float ops after it) is a table lookup (:mod:`qlite.ops.int_lookup`)."""
   family = "cast"
   primitives = frozenset({"convert_element_type"})
-  litert_ops = ("SELECT_V2",)
+  litert_ops = ("SELECT_V2", "GATHER")
+  notes = ("bool -> float: a SELECT of two constants; int -> float of a "
+           "computed integer: a lookup table (int_lookup), exact at scale 1 "
+           "when the integer's range spans < 256")
 
   def virtual_constants(self, node, ctx) -> tuple:
     graph = ctx.graph

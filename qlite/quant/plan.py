@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import ops
+from qlite.ops import int_lookup
 from qlite.core import calibration
 from qlite.trace.graph import Graph, Lit, Node, bind
 from qlite.rules import QuantizationRule, RuleMatcher
@@ -89,6 +90,12 @@ class Plan:
   consts: dict[tuple[int, int], ConstSpec]
   quantized_nodes: set[int]
   fused_nodes: set[int] = dataclasses.field(default_factory=set)
+  # Float values computed from one bounded integer (qlite.ops.int_lookup):
+  # node index -> its Region; the converted model reads them from a table.
+  lookups: dict[int, Any] = dataclasses.field(default_factory=dict)
+  # integer var -> the stats key calibration records its range under (the
+  # regions the graph does not bound).
+  probes: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def boundary_by_key(self) -> dict[str, Boundary]:
     """The boundaries by stats key (``"Dense_0/dot_general"``)."""
@@ -198,6 +205,10 @@ class _Planner:
     self.masked: dict[int, tuple[int, float]] = {}
     # mask bias var -> (the logits var it is added to, margin)
     self.mask_bias: dict[int, tuple[int, float]] = {}
+    regions = int_lookup.find_regions(
+        graph, lambda n: registry[n.name].role(n))
+    self.lookups = {i: r for r in regions for i in r.nodes}
+    self.probes = {r.source: r.probe_key for r in regions if not r.bounded}
 
   # -- operand classification
   def static_value(self, node: Node, i: int):
@@ -256,10 +267,19 @@ class _Planner:
                    for c, s in self.sum_scale.items()}, self.ctx)
     ordered = dict(sorted(self.boundaries.items(), key=lambda kv: kv[0]))
     return Plan(ordered, self.weights, self.consts, self.quantized,
-                self.fused)
+                self.fused, self.lookups, self.probes)
 
   def _visit(self, node: Node) -> None:
     graph, handler = self.graph, self.registry[node.name]
+    region = self.lookups.get(node.index)
+    if region is not None:    # looked up: a boundary on its exits only
+      m = self.matcher.match(node.module_path, node.name)
+      exits = [o for o in node.outputs if o in region.exits]
+      if m is not None and exits:
+        self.rules[node.index] = m
+        for o in exits:
+          self.out_boundary[o] = node
+      return
     act_outs = [o for o in node.outputs if graph.is_activation(o)]
     if not act_outs:
       if handler.quantizes_without_float_output(node) and any(
@@ -492,6 +512,9 @@ def quantize_operands(plan: Plan, node: Node, invals: list, *, weight,
   multiplication by the quantized reciprocal (LiteRT's int8 DIV is
   unreliable). Returns the node's outputs, or None when nothing was planned.
   """
+  region = plan.lookups.get(node.index)
+  if region is not None and region.resolved:
+    return int_lookup.lower(region, node, invals)
   virtual = []
   while (node.index, len(node.inputs) + len(virtual)) in plan.consts:
     virtual.append(plan.consts[(node.index, len(node.inputs) + len(virtual))])

@@ -1,7 +1,10 @@
-"""A tiny diffusion-style UNet: a noisy image [B, 16, 16, 3] and a float
-timestep t [B] in [0, 1) -> a noise estimate [B, 16, 16, 3]. The timestep
-goes through a sinusoidal embedding (``sin`` / ``cos`` of ``10 t`` times
-8 frequencies from 1 down to 1/100) and a two-layer SiLU MLP; every residual
+"""A tiny diffusion-style UNet: a noisy image [B, 16, 16, 3] and an int32
+timestep t [B] in [0, 1000) (DDPM's discrete steps) -> a noise estimate
+[B, 16, 16, 3]. The timestep goes through a sinusoidal embedding (``sin`` /
+``cos`` of ``10 t / 1000`` times 8 frequencies from 1 down to 1/100; t is
+clipped to the schedule first, as indexing a noise schedule by t would) and
+a two-layer SiLU MLP. In the int8 model the embedding is a lookup table of
+the 1000 steps (``qlite.ops.int_lookup``: GATHER, no SIN / COS); every residual
 block (GroupNorm, SiLU, 3x3 conv, plus a dense projection of the time
 embedding broadcast over H and W, GroupNorm, SiLU, 3x3 conv, residual) adds
 it to its features. One level down (stride-2 conv, 16 -> 8), a residual
@@ -29,14 +32,17 @@ NUM_HEADS = 2
 TIME_FREQS = 8            # sin + cos -> a 16-wide embedding
 TIME_SCALE = 10.0
 MAX_PERIOD = 100.0
+NUM_TIMESTEPS = 1000
 TEMB = 32
 
 
 def timestep_embedding(t):
-  """Sinusoidal embedding [B, 2 * TIME_FREQS] of float timesteps [B]."""
+  """Sinusoidal embedding [B, 2 * TIME_FREQS] of int timesteps [B] in
+  [0, NUM_TIMESTEPS)."""
+  t = jnp.clip(t, 0, NUM_TIMESTEPS - 1)
   freqs = jnp.exp(-math.log(MAX_PERIOD) *
                   jnp.arange(TIME_FREQS, dtype=jnp.float32) / TIME_FREQS)
-  args = (TIME_SCALE * t)[:, None] * freqs[None, :]
+  args = t[:, None] * (TIME_SCALE / NUM_TIMESTEPS * freqs)[None, :]
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
@@ -49,10 +55,10 @@ def upsample2x(x):
 def diffusion_batches(*, seed: int, num: int = base.NUM_BATCHES,
                       batch_size: int = base.BATCH_SIZE) -> list:
   """``num`` seeded ``(x, t)`` batches: standard-normal noisy images and
-  uniform timesteps in [0, 1)."""
+  uniform int32 timesteps in [0, NUM_TIMESTEPS)."""
   rng = np.random.default_rng(seed)
   return [(rng.standard_normal((batch_size, *INPUT_SHAPE)).astype(np.float32),
-           rng.uniform(0.0, 1.0, (batch_size,)).astype(np.float32))
+           rng.integers(0, NUM_TIMESTEPS, (batch_size,)).astype(np.int32))
           for _ in range(num)]
 
 
