@@ -1,16 +1,27 @@
-"""XLA PTQ benchmark: an MLP (4 x 2048) and a transformer block, batch 1 and
-64, f32 / bf16 / w8 weight-only / w8a8 DRQ / w8a8 SRQ / w4 weight-only side
-by side in one run (interleaved rounds, median latency), parameter bytes,
-SQNR vs f32, and the micro-measurements behind each compute path choice.
+"""XLA PTQ benchmark, per CPU kernel instruction-set family.
 
-    python bench/xla_ptq.py [--reps N]
+Default run: the 768 -> 3 x 1536 -> 256 MLP and a transformer block (d768,
+8 tokens), batch 1 and 64, w8 weight-only and w8a8 DRQ, under every kernel
+family this CPU supports (scalar, avx2, avxvnni, avx512bw, vnni, forced in
+one process with ``qlite.kernels.cpu.use_isa``: the family is fixed at
+trace time) and with the kernels off (XLA's own int8 dots), all timed side
+by side against f32 (interleaved round by round, median latency), the whole
+measurement repeated ``--repeats`` times to show its spread. Each cell
+checks the bars: >= 0.95x "kernels off", and >= 1.0x f32 for w8 at batch 1.
 
-Prints a markdown table and writes it to bench/RESULTS_xla.md.
+    python bench/xla_ptq.py [--reps N] [--repeats R]
+    python bench/xla_ptq.py --crossover   # kernel vs XLA per dot and M
+                                          # (the KERNEL_MAX_ROWS table)
+    python bench/xla_ptq.py --all         # + the older variant table
+                                          # (bf16, SRQ, w4) and dot table
+
+Prints markdown tables and writes them to bench/RESULTS_xla.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -41,6 +52,16 @@ class MLP(nn.Module):
       if i < self.depth - 1:
         x = nn.relu(x)
     return x
+
+
+class MLP3(nn.Module):
+  """768 -> 3 x 1536 -> 256 (issue 19's MLP)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(3):
+      x = nn.relu(nn.Dense(1536)(x))
+    return nn.Dense(256)(x)
 
 
 class Block(nn.Module):
@@ -245,18 +266,232 @@ def render(rows, mic) -> str:
   return "\n".join(lines) + "\n"
 
 
+# -- per-family table ---------------------------------------------------------
+ISA_MODES = [("w8", dict(weight_qtype="int8", act_qtype=None)),
+             ("DRQ", dict(weight_qtype="int8", act_qtype="int8",
+                          act_static_scale=False))]
+
+
+def _families():
+  """(label, family or None for kernels off) this CPU can run."""
+  out = [("kernels off (XLA int8 dot)", None)]
+  if cpu_kernels._load() and jax.default_backend() == "cpu":
+    feats = cpu_kernels.cpu_features()
+    out += [(f, f) for f in cpu_kernels.FAMILIES if feats.get(f)]
+  return out
+
+
+def _quantized_fn(model, variables, x, kw, fam):
+  """A jitted quantized forward traced under kernel family ``fam``."""
+  rules = [qlite.QuantizationRule(module_path=".*", **kw)]
+  provider = xla.PtqProvider(rules, None)
+  qm = xla.quantize_model(provider=provider, model=model, variables=variables)
+  abstract = xla.abstract_quantized_params(model, rules, x,
+                                           variables=variables)
+  qparams = xla.quantize_params(variables, abstract)
+  g, state = qm.traced((x,))
+  flat = jax.tree.leaves(qparams, is_leaf=lambda a: isinstance(
+      a, qlite.core.QArray))
+  flat = provider.prepare_flat_params(g, state, flat)
+  fn = jax.jit(provider.function(g, state))
+  f = lambda fp, xx, fn=fn: fn(fp, [xx])[0]
+  with cpu_kernels.use_isa(fam):       # trace (and compile) now
+    out = np.asarray(f(flat, x), np.float32)
+  return f, (flat, x), out
+
+
+def bench_isa(name, model, x_shape, batches, reps, repeats):
+  """{(family label, mode, batch): [speed vs f32 per repeat]} and SQNRs."""
+  rng = np.random.default_rng(0)
+  speeds, sqnrs, counts = {}, {}, {}
+  for batch in batches:
+    x = rng.standard_normal((batch,) + x_shape).astype(np.float32)
+    variables = model.init(jax.random.key(0), x)
+    f32 = jax.jit(model.apply)
+    ref = np.asarray(f32(variables, x))
+    fns = {"f32": (f32, (variables, x))}
+    for label, fam in _families():
+      for mode, kw in ISA_MODES:
+        before = sum(cpu_kernels.isa_counts().values()) if \
+            cpu_kernels._load() else 0
+        f, args, out = _quantized_fn(model, variables, x, kw, fam)
+        fns[(label, mode)] = (f, args)
+        sqnrs[(label, mode, batch)] = sqnr_db(ref, out)
+        if cpu_kernels._load():
+          counts[(label, mode, batch)] = sum(
+              cpu_kernels.isa_counts().values()) - before
+    for _ in range(repeats):
+      t = _time(fns, reps)
+      for key in fns:
+        if key != "f32":
+          speeds.setdefault(key + (batch,), []).append(t["f32"] / t[key])
+    print(f"  {name} batch {batch}: done", flush=True)
+  return speeds, sqnrs, counts
+
+
+def render_isa(results, reps, repeats) -> str:
+  dev = jax.devices()[0]
+  lines = [
+      "# XLA PTQ benchmark per CPU kernel family (`python bench/xla_ptq.py`)",
+      "",
+      f"Device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs, "
+      f"{platform.processor() or platform.machine()}; jax {jax.__version__}."
+      f" Speed = f32 time / variant time (median of {reps} interleaved "
+      f"rounds, every variant of one model and batch side by side in one "
+      f"process); the measurement was repeated {repeats} times: the cell is "
+      "the median speed, [min-max] over the repeats. Each family is forced "
+      "with `qlite.kernels.cpu.use_isa` (as `QLITE_CPU_KERNELS_ISA` does per "
+      "process) and dispatches by its measured crossover table "
+      "(`KERNEL_MAX_ROWS`: the kernel only where it beat XLA). "
+      "\"kernels off\" is XLA's own int8 dot. Bars: every cell >= 0.95x "
+      "the kernels-off cell; w8 batch 1 >= 1.0x f32.", ""]
+  bad = []
+  for name, (speeds, sqnrs, counts) in results.items():
+    lines += [f"## {name}", "",
+              "| path | w8 batch 1 | w8 batch 64 | w8a8 DRQ batch 1 | "
+              "w8a8 DRQ batch 64 | kernel calls per forward (w8 b1 / b64, "
+              "DRQ b1 / b64) |", "|---|---|---|---|---|---|"]
+    labels = list(dict.fromkeys(k[0] for k in speeds))
+    for label in labels:
+      cells, calls = [], []
+      for mode in ("w8", "DRQ"):
+        for batch in (1, 64):
+          v = speeds[(label, mode, batch)]
+          off = speeds[(labels[0], mode, batch)]
+          med, lo, hi = np.median(v), min(v), max(v)
+          ratio = med / np.median(off)
+          flag = ""
+          if ratio < 0.95:
+            flag += " **<0.95x off**"
+            bad.append(f"{name} {label} {mode} b{batch}: {ratio:.2f}x off")
+          if mode == "w8" and batch == 1 and med < 1.0:
+            flag += " **<1x f32**"
+            bad.append(f"{name} {label} w8 b1: {med:.2f}x f32")
+          cells.append(f"{med:.2f}x [{lo:.2f}-{hi:.2f}]{flag}")
+          calls.append(str(counts.get((label, mode, batch), "-")))
+      lines.append(f"| {label} | " + " | ".join(cells) +
+                   f" | {' / '.join(calls)} |")
+    sq = [v for v in sqnrs.values() if np.isfinite(v)]
+    lines += ["", f"SQNR vs f32 over these cells: {min(sq):.1f} - "
+              f"{max(sq):.1f} dB.", ""]
+  lines += ["Bars: " + ("all cells pass." if not bad else
+                        "FAIL: " + "; ".join(bad)), ""]
+  return "\n".join(lines) + "\n"
+
+
+# -- crossover: kernel vs XLA per dot and row count -----------------------------
+@contextlib.contextmanager
+def _kernel_always():
+  saved = {f: dict(t) for f, t in cpu_kernels.KERNEL_MAX_ROWS.items()}
+  for t in cpu_kernels.KERNEL_MAX_ROWS.values():
+    for key in t:
+      t[key] = cpu_kernels.MAX_M
+  try:
+    yield
+  finally:
+    for f, t in saved.items():
+      cpu_kernels.KERNEL_MAX_ROWS[f].update(t)
+
+
+CROSS_SHAPES = [(1536, 1536), (768, 3072)]
+CROSS_M = (1, 4, 16, 64, 512)
+
+
+def crossover(reps, ms=CROSS_M, repeats=1):
+  """Per family, dot kind and shape: kernel time / XLA time at each M
+  (< 1: the kernel wins), ``repeats`` times. Returns {(fam, mode, shape):
+  {m: [ratio per repeat]}}."""
+  from qlite.core import quantize
+  dn = (((1,), (0,)), ((), ()))
+  rng = np.random.default_rng(0)
+  modes = {"w8": dict(mode="weight_only"),
+           "DRQ": dict(mode="drq", act_qtype="int8"),
+           "w4": dict(mode="weight_only")}
+  fams = [f for l, f in _families() if f is not None]
+  out = {}
+  for (k, n) in CROSS_SHAPES:
+    wf = rng.standard_normal((k, n)).astype(np.float32)
+    packed = {}
+    for wq in ("int8", "int4"):
+      qw = quantize(wf, wq, channel_axes=(1,), narrow_range=True)
+      packed[wq] = xla.matmul.pack_weight(qw, dn, 2, 1)
+    for m in ms:
+      x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+      fns = {}
+      for mode, kw in modes.items():
+        w = packed["int4" if mode == "w4" else "int8"]
+        for fam in [None] + fams:
+          f = jax.jit(lambda x, w, kw=kw: xla.quantized_dot(x, w, dn, 1,
+                                                            **kw))
+          with cpu_kernels.use_isa(fam), _kernel_always():
+            jax.block_until_ready(f(x, w))
+          fns[(fam, mode)] = (f, (x, w))
+      for _ in range(repeats):
+        t = _time(fns, reps)
+        for (fam, mode), v in t.items():
+          if fam is not None:
+            out.setdefault((fam, mode, (k, n)), {}).setdefault(m, []).append(
+                v / t[(None, mode)])
+        print(f"    {k}x{n} M={m}: " + ", ".join(
+            f"{f}/{md} {v / t[(None, md)]:.2f}" for (f, md), v in t.items()
+            if f is not None), flush=True)
+    print(f"  crossover {k}x{n}: done", flush=True)
+  return out
+
+
+def render_crossover(res, ms=CROSS_M) -> str:
+  lines = ["## Kernel vs XLA per dot (`python bench/xla_ptq.py --crossover`)",
+           "", "Kernel time / XLA time for one quantized dot (activation "
+           "quantization included; < 1.00: the kernel is faster), every "
+           "family and XLA interleaved in one process; min-max over the "
+           "repeats. w8: weight-only (int16 rows vs two int8 digit rows on "
+           "XLA), DRQ: int8 rows, w4: weight-only int4. Last win: the "
+           "largest M up to which the kernel won in every repeat.", "",
+           "| family | dot | K x N | " + " | ".join(f"M={m}" for m in ms)
+           + " | last win |",
+           "|---|---|---|" + "---|" * len(ms) + "---|"]
+  for (fam, mode, (k, n)), row in sorted(res.items(), key=lambda kv: (
+      cpu_kernels.FAMILIES.index(kv[0][0]), kv[0][1], kv[0][2])):
+    last = 0
+    for m in ms:
+      if max(row[m]) < 1.0:
+        last = m
+      else:
+        break
+    cells = [f"{min(row[m]):.2f}" if len(row[m]) == 1 else
+             f"{min(row[m]):.2f}-{max(row[m]):.2f}" for m in ms]
+    lines.append(f"| {fam} | {mode} | {k}x{n} | " + " | ".join(cells) +
+                 f" | {last} |")
+  return "\n".join(lines) + "\n"
+
+
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--reps", type=int, default=30)
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--crossover", action="store_true")
+  ap.add_argument("--m", default=",".join(str(m) for m in CROSS_M),
+                  help="row counts for --crossover (comma-separated)")
+  ap.add_argument("--all", action="store_true")
   args = ap.parse_args()
-  rows = bench_model("MLP 4x2048", MLP(), (2048,), (1, 64), args.reps)
-  rows += bench_model("transformer block d768 (8 tokens)", Block(), (8, 768),
-                      (1, 64), max(10, args.reps // 2))
-  mic = micro(args.reps)
-  text = render(rows, mic)
-  print(text)
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                      "RESULTS_xla.md")
+  if args.crossover:
+    ms = tuple(int(v) for v in args.m.split(","))
+    text = render_crossover(crossover(args.reps, ms, args.repeats), ms)
+    print(text)
+    return
+  results = {
+      "MLP 768 -> 3 x 1536 -> 256": bench_isa(
+          "MLP", MLP3(), (768,), (1, 64), args.reps, args.repeats),
+      "transformer block d768 (8 tokens)": bench_isa(
+          "block", Block(), (8, 768), (1, 64), args.reps, args.repeats)}
+  text = render_isa(results, args.reps, args.repeats)
+  if args.all:
+    rows = bench_model("MLP 4x2048", MLP(), (2048,), (1, 64), args.reps)
+    text += "\n" + render(rows, micro(args.reps)).replace(
+        "# XLA PTQ", "## XLA PTQ", 1)
+  print(text)
   with open(out, "w") as f:
     f.write(text)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
