@@ -53,7 +53,8 @@ html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,
 }
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["qlite.css"]
 
 
 def _generate(app):
