@@ -121,30 +121,92 @@ def worker_run(path: str, threads: int, prompt: list, ref: list,
   rng = np.random.default_rng(1)
   long_prompt = rng.integers(0, runner.vocab, PREFILL_LEN).astype(np.int32)
   caches = runner.empty_caches()
-  times = []
+  times, cpu = [], []
   for _ in range(runs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logits, c = runner.step("prefill", long_prompt[None], PREFILL_LEN, caches)
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   prefill_ms = statistics.median(times) * 1e3
+  prefill_cpu_ms = statistics.median(cpu) * 1e3
   # decode: NEW_TOKENS steps after the 128-token prefill
-  dec = []
-  for _ in range(max(1, runs // 2)):
+  dec, dec_cpu = [], []
+  for _ in range(runs):
     tok, cc = int(np.argmax(logits)), c
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(NEW_TOKENS):
       lg, cc = runner.step("decode", [[tok]], PREFILL_LEN + i, cc)
       tok = int(np.argmax(lg))
     dec.append(time.perf_counter() - t0)
+    dec_cpu.append(time.process_time() - c0)
   tok_s = NEW_TOKENS / statistics.median(dec)
+  tok_s_cpu = NEW_TOKENS / statistics.median(dec_cpu)
   lf = runner.logits_for(prompt, ref)
   agree = float(np.mean(lf.argmax(-1) == np.asarray(ref)))
   own = runner.generate(prompt, NEW_TOKENS).tokens
   free = next((i for i, (a, b) in enumerate(zip(own, ref)) if a != b),
               NEW_TOKENS)
   return {"prefill_ms": prefill_ms, "decode_tok_s": tok_s,
+          "prefill_cpu_ms": prefill_cpu_ms, "decode_tok_s_cpu": tok_s_cpu,
           "agree": agree, "free_run": free, "rss_before_mb": base,
           "run_peak_mb": _peak_rss_mb()}
+
+
+def worker_export_full_int8(size: str, out: str) -> dict:
+  """qlite's own full-integer 8x8 export (static int8 activations) of the
+  full-sequence forward at PREFILL_LEN tokens (no cache: qlite's
+  full-integer path exports one function), for comparison. The embedding
+  is a plain take (the composite lookup has no int8 form there)."""
+  import dataclasses
+  import numpy as np
+  import qlite
+  from qlite.zoo import gemma_lm
+  cfg = dataclasses.replace(_config(size), composite_lookup=False)
+  model, variables = gemma_lm.build_linen(cfg, seed=0)
+  base = _rss_mb()
+  rng = np.random.default_rng(3)
+  batches = [rng.integers(0, cfg.vocab, (2, PREFILL_LEN)).astype(np.int32)
+             for _ in range(8)]
+  rules = [qlite.QuantizationRule()]
+  t0 = time.perf_counter()
+  stats = qlite.calibrate(model, rules, batches, variables=variables,
+                          progress=False)
+  blob = qlite.export_tflite(model, rules, stats, batches[0][:1],
+                             variables=variables, path=out)
+  dt = time.perf_counter() - t0
+  info = qlite.inspect_tflite(blob)
+  return {"bytes": len(blob), "export_s": dt, "rss_before_mb": base,
+          "export_peak_mb": _peak_rss_mb(), "full_integer": info.full_integer}
+
+
+def worker_run_full_int8(path: str, threads: int, prompt: list, ref: list,
+                         runs: int) -> dict:
+  """LiteRT: one full forward of PREFILL_LEN tokens (logits at every
+  position), and teacher-forced agreement from the same forward over
+  prompt + reference (zero-padded: causal)."""
+  import numpy as np
+  from ai_edge_litert.interpreter import Interpreter
+  base = _rss_mb()
+  it = Interpreter(model_path=path, num_threads=threads)
+  run = it.get_signature_runner()
+  name = next(iter(run.get_input_details()))
+  out_name = next(iter(run.get_output_details()))
+  seq = np.zeros((1, PREFILL_LEN), np.int32)
+  seq[0, :len(prompt) + len(ref)] = prompt + ref
+  times, cpu = [], []
+  for _ in range(runs):
+    t0, c0 = time.perf_counter(), time.process_time()
+    y = run(**{name: seq})[out_name]
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  d = run.get_output_details()[out_name]
+  scale, zp = d["quantization"]
+  y = (y.astype(np.float32) - zp) * scale if scale else y
+  got = y[0, len(prompt) - 1:len(prompt) - 1 + len(ref)].argmax(-1)
+  return {"prefill_ms": statistics.median(times) * 1e3,
+          "prefill_cpu_ms": statistics.median(cpu) * 1e3,
+          "agree": float(np.mean(got == np.asarray(ref))),
+          "rss_before_mb": base, "run_peak_mb": _peak_rss_mb()}
 
 
 def worker_reference(size: str, prompt: list) -> dict:
@@ -178,6 +240,10 @@ def main(argv=None):
   p.add_argument("--threads", default="1,2")
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--out", default=os.path.join(HERE, "RESULTS_lm.md"))
+  p.add_argument("--from-logs", default=None,
+                 help="comma-separated stdout logs of earlier runs (same "
+                 "--size): rebuild the table from their per-format JSON "
+                 "lines instead of measuring")
   a = p.parse_args(argv)
   import numpy as np
   cfg = _config(a.size)
@@ -187,14 +253,29 @@ def main(argv=None):
       0, cfg.vocab, AGREE_PROMPT)]
   print(f"config: {cfg}  ({cfg.param_count() / 1e6:.1f}M params)",
         flush=True)
+  if a.from_logs:
+    rows = {}
+    for log in a.from_logs.split(","):
+      for line in open(log):
+        head, _, rest = line.partition(" ")
+        if rest.startswith("{") and head in FORMATS + ("full_int8",):
+          rows[head] = json.loads(rest)
+    md = _table(cfg, a, rows, threads, None)
+    print(md)
+    with open(a.out, "w") as f:
+      f.write(md)
+    print(f"wrote {a.out}")
+    return
   ref = _sub(["reference", a.size, prompt])
   print(f"JAX float reference: {ref['s']:.1f} s", flush=True)
   rows = {}
   with tempfile.TemporaryDirectory() as d:
     for fmt in formats:
       path = os.path.join(d, f"{fmt}.tflite")
+      full = fmt == "full_int8"
       try:
-        ex = _sub(["export", a.size, fmt, path])
+        ex = _sub(["export_full_int8", a.size, path] if full else
+                  ["export", a.size, fmt, path])
       except RuntimeError as e:
         print(f"{fmt}: export failed: {str(e)[-400:]}", flush=True)
         rows[fmt] = {"error": str(e).strip().splitlines()[-1][:200]}
@@ -202,7 +283,8 @@ def main(argv=None):
       row = dict(ex)
       for t in threads:
         try:
-          r = _sub(["run", path, t, prompt, ref["tokens"], a.runs])
+          r = _sub(["run_full_int8" if full else "run", path, t, prompt,
+                    ref["tokens"], a.runs])
         except RuntimeError as e:
           print(f"{fmt}: run failed: {str(e)[-400:]}", flush=True)
           row["error"] = str(e).strip().splitlines()[-1][:200]
@@ -240,7 +322,8 @@ def _table(cfg, a, rows, threads, ref) -> str:
   head = ["format", "size MB", "vs float", "export s", "export peak MB"]
   for t in threads:
     head += [f"prefill ms ({t}t)", f"decode tok/s ({t}t)"]
-  head += ["decode vs float (1t)", "gen peak MB", "agree", "free run"]
+  head += ["1t CPU-time: prefill ms", "decode tok/s", "decode vs float",
+           "gen peak MB", "agree", "free run"]
   lines += ["| " + " | ".join(head) + " |",
             "|" + "---|" * len(head)]
   for fmt, r in rows.items():
@@ -250,20 +333,27 @@ def _table(cfg, a, rows, threads, ref) -> str:
     cells = [fmt, f"{r['bytes'] / 2**20:.1f}",
              f"{r['bytes'] / fl['bytes']:.3f}" if "bytes" in fl else "-",
              f"{r['export_s']:.1f}", f"{r['export_peak_mb']:.0f}"]
+    get = lambda x, k, f: f.format(x[k]) if x and k in x else "-"
     for t in threads:
       x = r.get(t) or r.get(str(t))
-      cells += ([f"{x['prefill_ms']:.1f}", f"{x['decode_tok_s']:.1f}"]
-                if x else ["-", "-"])
-    x1 = r.get(threads[0])
-    f1 = fl.get(threads[0]) if fl else None
-    cells.append(f"{x1['decode_tok_s'] / f1['decode_tok_s']:.2f}x"
-                 if x1 and f1 else "-")
-    cells += ([f"{x1['run_peak_mb']:.0f}", f"{x1['agree']:.3f}",
-               str(x1['free_run'])] if x1 else ["-", "-", "-"])
+      cells += [get(x, "prefill_ms", "{:.1f}"),
+                get(x, "decode_tok_s", "{:.1f}")]
+    x1 = r.get(threads[0]) or r.get(str(threads[0]))
+    f1 = (fl.get(threads[0]) or fl.get(str(threads[0]))) if fl else None
+    cells += [get(x1, "prefill_cpu_ms", "{:.1f}"),
+              get(x1, "decode_tok_s_cpu", "{:.1f}")]
+    cells.append(f"{x1['decode_tok_s_cpu'] / f1['decode_tok_s_cpu']:.2f}x"
+                 if x1 and f1 and "decode_tok_s_cpu" in x1 else "-")
+    cells += [get(x1, "run_peak_mb", "{:.0f}"), get(x1, "agree", "{:.3f}"),
+              get(x1, "free_run", "{}")]
     if "error" in r:
       cells[-1] += f" (failed: {r['error']})"
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "Export peak MB: peak RSS of the exporting process (model "
+  lines += ["", "Wall-clock columns are medians on a machine shared with "
+            "other jobs; the 1-thread CPU-time columns (process CPU time, "
+            "what the computation itself took) are the steadier figures "
+            "and the decode speed ratio uses them.", "",
+            "Export peak MB: peak RSS of the exporting process (model "
             "init, JAX, converter, quantizer; "
             f"{rows.get('float', {}).get('rss_before_mb', float('nan')):.0f}"
             " MB before the export call for float). Gen peak MB: peak RSS "
@@ -277,7 +367,9 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     kind, *rest = [json.loads(x) for x in sys.argv[2:]]
     fn = {"export": worker_export, "run": worker_run,
-          "reference": worker_reference}[kind]
+          "reference": worker_reference,
+          "export_full_int8": worker_export_full_int8,
+          "run_full_int8": worker_run_full_int8}[kind]
     print(json.dumps(fn(*rest)))
   else:
     sys.path.insert(0, ROOT)

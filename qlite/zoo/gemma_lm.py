@@ -52,6 +52,10 @@ class LMConfig:
   mlp_dim: int = 128
   max_len: int = 64
   rope_base: float = 10000.0
+  # True: the embedding lookup is an odml.embedding_lookup composite (LiteRT
+  # EMBEDDING_LOOKUP, shares the tied weight; for the weight formats).
+  # False: a plain take (qlite's full-integer export quantizes that one).
+  composite_lookup: bool = True
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -182,7 +186,9 @@ def _forward(embed, final_norm, blocks, ids, pos0, caches,
   table = embed.embedding
   if isinstance(table, nnx.Variable):
     table = table[...]
-  x = embedding_lookup(table, ids) * jnp.float32(math.sqrt(cfg.d_model))
+  rows = embedding_lookup(table, ids) if cfg.composite_lookup else \
+      jnp.take(table, ids, axis=0)
+  x = rows * jnp.float32(math.sqrt(cfg.d_model))
   new = []
   for i, blk in enumerate(blocks):
     cache = None if caches is None else (caches[2 * i], caches[2 * i + 1])
