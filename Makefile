@@ -42,6 +42,16 @@ bench-quick: $(BENCH_STAMP)
 bench-xla: $(STAMP)
 	$(PY) bench/xla_ptq.py
 
+# Pallas kernels on the accelerator (issue 19): correctness against XLA and
+# speed against bf16 in one run (< 5 min), table in
+# bench/RESULTS_device_check_<backend>.md. With an NVIDIA GPU and a CPU-only
+# jax, installs the [gpu] extra first. On CPU: interpret mode, correctness only.
+.PHONY: device-check
+device-check: $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import jax_cuda12_plugin" 2>/dev/null; then \
+	  $(PY) -m pip install -q -e ".[gpu]"; fi
+	$(PY) bench/device_check.py
+
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_models.py 200
 
