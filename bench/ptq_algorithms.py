@@ -154,6 +154,19 @@ def summary(rows, names) -> str:
   return "\n".join(lines)
 
 
+def _save(path, rows) -> dict:
+  """Merges ``rows`` into the JSON file at ``path``; returns all rows."""
+  import json
+  old = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = {tuple(k.split("|")): v for k, v in json.load(f).items()}
+  old.update(rows)
+  with open(path, "w") as f:
+    json.dump({"|".join(k): v for k, v in old.items()}, f)
+  return old
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true")
@@ -162,13 +175,17 @@ def main(argv=None) -> int:
   ap.add_argument("--merge", metavar="JSON",
                   help="keep rows in this file and render every row in it "
                        "(runs split over several invocations)")
+  ap.add_argument("--render-only", action="store_true",
+                  help="with --merge: render the saved rows, run nothing")
   a = ap.parse_args(argv)
   names = a.models or (list(QUICK) if a.quick else
                        list(BENCH) + list(ZOO) + list(EXTRA))
   configs = a.configs or list(CONFIGS)
   rows = {}
   t0 = time.time()
-  for n in names:
+  for n in ([] if a.render_only else names):
+    if a.merge:
+      _save(a.merge, rows)
     item = build(n)
     for c in configs:
       try:
@@ -180,15 +197,7 @@ def main(argv=None) -> int:
       print(f"{n:24s} {c:26s} {r['sqnr']:7.2f} dB  {r['time']:6.1f} s"
             f"{'  (no-op)' if r['noop'] else ''}", flush=True)
   if a.merge:
-    import json
-    old = {}
-    if os.path.exists(a.merge):
-      with open(a.merge) as f:
-        old = {tuple(k.split("|")): v for k, v in json.load(f).items()}
-    old.update(rows)
-    rows = old
-    with open(a.merge, "w") as f:
-      json.dump({"|".join(k): v for k, v in rows.items()}, f)
+    rows = _save(a.merge, rows)
     names = list(dict.fromkeys(k[0] for k in rows))
   md = ["# qlite PTQ algorithms on held-out data", "",
         f"Command: `python bench/ptq_algorithms.py{' --quick' if a.quick else ''}`"

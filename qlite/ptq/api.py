@@ -117,9 +117,10 @@ def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     qm, leaves = leaves_of(model, variables)
     graph, plan = qm.traced(args)
     layers = _graph.weighted_layers(graph, plan, leaves)
-    leaves = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
-                                 report, alpha=smoothquant_alpha)
-    model, variables = _graph.rebuild(model, qm.mf.params, leaves)
+    new = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
+                              report, alpha=smoothquant_alpha)
+    if new is not leaves:
+      model, variables = _graph.rebuild(model, qm.mf.params, new)
   stats = cal(model, variables)
   changed = False
   for name in ("adaround", "bias_correction"):
