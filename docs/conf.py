@@ -4,7 +4,8 @@ Markdown guides (MyST) plus an API reference generated at build time from
 the docstrings of every public name (``_ext/qlite_api.py`` writes
 ``api/*.rst``), and the LiteRT op coverage table generated from the op
 handlers (``python -m qlite.ops.coverage``) and the examples page (the
-docstrings of ``examples/*.py``) into ``_generated/``. Both
+docstrings of ``examples/*.py``) and the command-line reference (``qlite
+--help`` per subcommand) into ``_generated/``. Both
 generated folders are rebuilt on every build and ignored by git.
 """
 
@@ -62,8 +63,10 @@ def _generate(app):
   gen = HERE / "_generated"
   gen.mkdir(exist_ok=True)
   table = coverage.table() + "\n"
+  os.environ["COLUMNS"] = "88"                 # argparse's help width
   for name, text in (("op_coverage.md", table),
-                     ("examples.md", _examples_page())):
+                     ("examples.md", _examples_page()),
+                     ("cli.md", _cli_page())):
     f = gen / name
     if not f.exists() or f.read_text() != text:   # keep Sphinx's cache valid
       f.write_text(text)
@@ -80,6 +83,30 @@ def _examples_page() -> str:
     first, _, rest = doc.partition("\n\n")
     out += [f"## `examples/{f.name}`", "", first.replace("\n", " "), "",
             "```text", rest.strip() or f"python examples/{f.name}", "```", ""]
+  return "\n".join(out) + "\n"
+
+
+def _cli_page() -> str:
+  """``qlite --help`` and each subcommand's ``--help``, run in-process."""
+  import contextlib
+  import io
+  import re
+  from qlite import cli
+
+  def helptext(argv):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      try:
+        cli.main(argv + ["--help"])
+      except SystemExit:
+        pass
+    return buf.getvalue().rstrip()
+
+  top = helptext([])
+  subs = re.search(r"\{([\w,-]+)\}", top).group(1).split(",")
+  out = ["```text", top, "```", ""]
+  for name in subs:
+    out += [f"## `qlite {name}`", "", "```text", helptext([name]), "```", ""]
   return "\n".join(out) + "\n"
 
 

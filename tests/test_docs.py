@@ -151,6 +151,10 @@ def test_site_builds_strict_and_documents_every_public_name(tmp_path):
   for script in sorted((ROOT / "examples").glob("*.py")):
     if ast.get_docstring(ast.parse(script.read_text())):
       assert f"examples/{script.name}" in examples, script.name
+  # the command-line page is the command's own --help, one per subcommand
+  cli_page = (out / "cli.html").read_text()
+  for sub in ("demo", "export", "compare", "inspect", "zoo"):
+    assert f"usage: qlite {sub}" in cli_page, sub
   # every guide is in the table of contents
   index = (out / "index.html").read_text()
   for page in sorted(DOCS.glob("*.md")):
