@@ -206,3 +206,28 @@ def test_generate_cli(linen_lm, linen_float, tmp_path):
       [sys.executable, "-m", "qlite.cli", "generate", str(path),
        "--prompt-ids", "1,x"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--prompt-ids" in bad.stderr
+
+
+@pytest.mark.slow
+def test_full_integer_8x8_for_comparison():
+  # qlite's own static int8 export of the full-sequence forward (no cache;
+  # the embedding a plain take): full-integer, and its next-token choices
+  # agree with JAX float on the greedy continuation.
+  import dataclasses
+  cfg = dataclasses.replace(CFG, composite_lookup=False)
+  model, variables = gemma_lm.build_linen(cfg, seed=0)
+  full = lambda ids: model.apply(variables, ids)
+  prompt = list(np.random.default_rng(7).integers(0, cfg.vocab, 6))
+  ref, _ = gemma_lm.greedy_reference(full, prompt, 32)
+  seq = np.asarray([prompt + ref], np.int32)
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, cfg.vocab, (4, seq.shape[1])).astype(np.int32)
+             for _ in range(8)]
+  rules = [qlite.QuantizationRule()]
+  stats = qlite.calibrate(model, rules, batches, variables=variables,
+                          progress=False)
+  blob = qlite.export_tflite(model, rules, stats, seq, variables=variables)
+  assert qlite.inspect_tflite(blob).full_integer
+  (y,) = qlite.TFLiteRunner(blob).run(seq)
+  got = y[0, len(prompt) - 1:-1].argmax(-1)
+  assert np.mean(got == np.asarray(ref)) >= 0.9
