@@ -110,5 +110,22 @@ def _cli_page() -> str:
   return "\n".join(out) + "\n"
 
 
+DESIGN_NOTES_MARK = "<!-- design-notes: conf.py lists here every other docs/*.md -->"
+
+
+def _design_notes(app, docname, source):
+  """The index's design-notes toctree: every docs/*.md page that no other
+  toctree of the index names (architecture first), so a note added to
+  docs/ is on the site without editing the index."""
+  if docname != "index" or DESIGN_NOTES_MARK not in source[0]:
+    return
+  import re
+  named = set(re.findall(r"^([\w/]+)$", source[0], re.M))
+  notes = sorted(p.stem for p in HERE.glob("*.md")
+                 if p.stem not in named and p.stem != "index")
+  source[0] = source[0].replace(DESIGN_NOTES_MARK, "\n".join(notes))
+
+
 def setup(app):
   app.connect("builder-inited", _generate)
+  app.connect("source-read", _design_notes)
