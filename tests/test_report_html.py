@@ -273,3 +273,14 @@ def test_many_layers_inf_and_unmatched():
   assert "3.5" not in texts
   # The unmatched layer is listed with its reason.
   assert "Unmatched (1)" in page and "no LiteRT tensor" in page
+
+
+def test_written_as_utf8_and_bad_path_named(tmp_path):
+  rep = _synthetic_report(6)
+  rep.model = "linen:Modèle<µ>"
+  p = tmp_path / "r.html"
+  page = rep.to_html(p)
+  assert p.read_bytes().decode("utf-8") == page
+  assert "linen:Modèle&lt;µ&gt;" in page and '<meta charset="utf-8">' in page
+  with pytest.raises(qlite.QliteError, match="cannot write"):
+    rep.to_html(tmp_path / "missing" / "r.html")

@@ -335,7 +335,7 @@ class Report:
     check_metric(metric)
     text = html_report.render(self, metric, worst)
     if path is not None:
-      _write(path, text)
+      _write(path, text, encoding="utf-8")     # the page says charset utf-8
     return text
 
   def __str__(self) -> str:
@@ -539,9 +539,9 @@ def _finite_json(x):
   return x
 
 
-def _write(path, text: str):
+def _write(path, text: str, encoding: str | None = None):
   try:
-    with open(path, "w") as f:
+    with open(path, "w", encoding=encoding) as f:
       f.write(text)
   except OSError as e:
     raise QliteError(f"cannot write {os.fspath(path)!r}: {e}") from None
