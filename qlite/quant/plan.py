@@ -85,6 +85,23 @@ class ConstSpec:
 
 @dataclasses.dataclass
 class Plan:
+  """Where the quantization boundaries of one traced model go
+  (:func:`build_plan`), shared by calibration, the LiteRT export, QAT and
+  XLA static-range quantization.
+
+  Attributes:
+    boundaries: activation boundaries by graph var, in graph order.
+    weights: the per-channel quantized constant operands of conv /
+      dot_general ops, by ``(node, operand)``.
+    consts: the per-tensor quantized constant operands of other ops, by
+      ``(node, operand)``.
+    quantized_nodes: the nodes a rule quantizes.
+    fused_nodes: the nodes fused into the conv / fully-connected op before
+      them (no boundary of their own).
+    lookups: float values computed from one bounded integer, by node (the
+      converted model reads them from a table).
+    probes: integer vars whose range calibration records, by stats key.
+  """
   boundaries: dict[int, Boundary]          # var -> boundary, in graph order
   weights: dict[tuple[int, int], WeightSpec]
   consts: dict[tuple[int, int], ConstSpec]
