@@ -12,6 +12,7 @@ one is documented without editing this file), and :data:`EXTRA_MODULES`.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import pathlib
@@ -81,6 +82,9 @@ def _own_doc(obj) -> str | None:
     doc = getattr(obj, "__doc__", None)
     if doc is not None and doc == getattr(type(obj), "__doc__", None):
       doc = None                           # an instance: its class's doc
+  if (inspect.isclass(obj) and doc and dataclasses.is_dataclass(obj)
+      and doc.startswith(f"{obj.__name__}(")):
+    doc = None                             # the signature dataclass writes
   return inspect.cleandoc(doc) if doc and doc.strip() else None
 
 
