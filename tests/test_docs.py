@@ -207,3 +207,89 @@ def test_guide_code_runs_and_prints_what_the_page_shows(name, tmp_path):
       assert not missing, (f"{name}: lines the page shows but the code did "
                            f"not print: {missing}\n--- printed:\n"
                            f"{proc.stdout[-4000:]}")
+
+
+def _troubleshooting_messages() -> dict[str, list[str]]:
+  """The messages docs/troubleshooting.md shows, by error class."""
+  doc = (DOCS / "troubleshooting.md").read_text()
+  out = {}
+  for sec in re.split(r"^## ", doc, flags=re.M)[1:]:
+    name = re.match(r"`(\w+)`", sec).group(1)
+    blocks = re.findall(r"```\{code-block\} text\n:class: wrap-lines\n\n(.*?)```",
+                        sec, re.S)
+    out[name] = [ln for b in blocks for ln in b.splitlines() if ln.strip()]
+  return out
+
+
+@pytest.mark.slow
+def test_troubleshooting_messages_are_what_qlite_raises():
+  """Each message the page shows is raised, word for word, by the case it
+  describes (the source path of UnsupportedOpError's op is shortened)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import flax.linen as nn
+  from flax import nnx
+  import qlite
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4)(nn.relu(nn.Dense(8)(x)))
+
+  class Sin(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4)(jnp.sin(x))
+
+  class N(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(8, 4, rngs=rngs)
+      self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.lin(x))
+
+  m = Net()
+  x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+  v = m.init(jax.random.key(0), x)
+  rules = [qlite.QuantizationRule()]
+  stats = qlite.calibrate(m, rules, [x], variables=v, progress=False)
+  s2 = Sin()
+  v2 = s2.init(jax.random.key(0), x)
+  st2 = qlite.calibrate(s2, rules, [x], variables=v2, progress=False)
+  nan_v = jax.tree.map(lambda a: a * np.nan, v)
+  cases = {
+      "QliteError": [
+          lambda: qlite.export_tflite(m, rules, stats, x[:1]),
+          lambda: qlite.calibrate(N(nnx.Rngs(0)), rules, [x], progress=False)],
+      "QTypeError": [lambda: qlite.QuantizationRule(weight_qtype="int9")],
+      "RuleError": [lambda: qlite.QuantizationRule(module_path="Dense_(0")],
+      "LiteRTQTypeError": [lambda: qlite.export_tflite(
+          m, [qlite.QuantizationRule(weight_qtype="fp8_e4m3")], stats, x[:1],
+          variables=v)],
+      "CalibrationError": [
+          lambda: qlite.calibrate(m, rules, [], variables=v, progress=False),
+          lambda: qlite.calibrate(m, rules, [x * np.nan], variables=v,
+                                  progress=False),
+          lambda: qlite.export_tflite(s2, rules, stats, x[:1], variables=v2)],
+      "MissingRecordError": [lambda: stats["nope"]],
+      "ConversionError": [lambda: qlite.export_tflite(
+          m, rules, stats, x[:1], variables=nan_v,
+          allow_changed_weights=True)],
+      "UnsupportedOpError": [lambda: qlite.export_tflite(
+          s2, rules, st2, x[:1], variables=v2)],
+      "TFLiteFormatError": [lambda: qlite.inspect_tflite(b"not a model")],
+  }
+  shown = _troubleshooting_messages()
+  assert set(shown) == set(cases)
+  for name, fns in cases.items():
+    raised = []
+    for fn in fns:
+      with pytest.raises(qlite.QliteError) as info:
+        fn()
+      assert type(info.value).__name__ == name
+      raised.append(re.sub(r"[^\s(]+\.py:\d+ \([\w.<>]*?(\w+\.__call__)\)",
+                           r"model.py:12 (\1)", str(info.value)))
+    for line in shown[name]:
+      assert line in raised, (name, line, raised)
