@@ -1,8 +1,10 @@
-"""The documentation: docs/architecture.md carries the op coverage table
-generated from the op handlers (it must match what the handlers say now);
-every public name has a docstring; every QliteError subclass has a
-troubleshooting entry; the site builds with warnings as errors and documents
-every public name."""
+"""The documentation (``make docs``): docs/architecture.md carries the op
+coverage table generated from the op handlers (it must match what the
+handlers say now); every public name and public method has a docstring;
+every QliteError subclass has a troubleshooting entry; the site builds with
+warnings as errors and documents every public name. Slow: the guides' code
+runs and prints what the pages show; the troubleshooting messages are what
+qlite raises."""
 
 import ast
 import importlib.util
