@@ -292,24 +292,24 @@ def test_jraph_graph_network():
   _convert(fn, variables, batches, floor_db=15.0)
 
 
-@pytest.mark.xfail(strict=True, raises=qlite.UnsupportedOpError, reason=(
-    "UnsupportedOpError: the converted model still computes in float: CAST "
-    "(jax op `convert_element_type` in module `GCN`): the node degrees "
-    "segment_sum(ones_like(senders)) are int32 computed from an input, cast "
-    "to float for rsqrt(max(degree, 1))"))
 def test_jraph_graph_convolution():
   fn, variables, batches = _jraph_model("gcn")
-  _convert(fn, variables, batches, floor_db=25.0)
+  # The node degrees segment_sum(ones_like(senders), senders, N) are int32
+  # (a masked SUM: LiteRT's int32 scatter does not load); rsqrt(max(degree,
+  # 1)) of them is a lookup table (qlite.ops.int_lookup; degrees <= edges,
+  # bounded by the graph: no calibration needed), 49-58 dB.
+  # measured 19.1 dB, LiteRT within 1 LSB of fake-quant: the held-out node
+  # features reach -3.9 where the 4 calibration graphs stop at -2.9
+  # (`qlite.compare`: input0's own rounding 23.1 dB), and per-tensor int8
+  # after each Dense (19-23 dB own rounding).
+  _convert(fn, variables, batches, floor_db=17.5)
 
 
-@pytest.mark.xfail(strict=True, raises=qlite.UnsupportedOpError, reason=(
-    "UnsupportedOpError: the converted model still computes in float: "
-    "STABLEHLO_SCATTER (jax op `scatter-max` in module `GAT`): "
-    "jraph.segment_softmax's segment_max (jax.ops.segment_max) has no "
-    "integer form (only segment_sum becomes a one-hot product)"))
 def test_jraph_gat():
   fn, variables, batches = _jraph_model("gat")
-  _convert(fn, variables, batches, floor_db=25.0)
+  # jraph.segment_softmax's segment_max (jax.ops.segment_max): a masked
+  # REDUCE_MAX (qlite.ops.segment). measured 29.7 dB
+  _convert(fn, variables, batches, floor_db=28.0)
 
 
 # --------------------------------------------------------------------------
@@ -347,13 +347,11 @@ def test_recurrentgemma_griffin():
   _convert(griffin, variables, _token_batches(), floor_db=19.5)
 
 
-@pytest.mark.xfail(strict=True, raises=qlite.UnsupportedOpError, reason=(
-    "UnsupportedOpError: the converted model still computes in float: CAST "
-    "(convert_element_type in conv_1d._compute_document_mask, RGLRU reset "
-    "`segment_pos == 0`, _apply_rope) ... SIN, COS (_apply_rope): "
-    "segment_pos as a model input; int/bool -> float casts and sin/cos of "
-    "input positions stay float"))
 def test_recurrentgemma_griffin_positions_input():
+  # segment_pos as an int32 model input: _apply_rope's sin / cos of it are
+  # lookup tables sized from calibration (a warning says so); the RG-LRU
+  # reset (segment_pos == 0) and the document mask are bool -> float
+  # SELECTs. measured 21.4 dB, as without the input (quantization noise).
   model, variables = _griffin()
 
   def griffin_pos(variables, ids, pos):
@@ -362,7 +360,8 @@ def test_recurrentgemma_griffin_positions_input():
 
   pos = np.arange(T, dtype=np.int32)[None]
   batches = [(ids, pos) for (ids,) in _token_batches()]
-  _convert(griffin_pos, variables, batches, floor_db=20.0)
+  with pytest.warns(UserWarning, match="lookup table over"):
+    _convert(griffin_pos, variables, batches, floor_db=20.0)
 
 
 @pytest.mark.xfail(strict=True, raises=qlite.UnsupportedOpError, reason=(
