@@ -214,6 +214,7 @@ def test_switch_and_auto_thresholds(monkeypatch):
     assert plan(8) is None and kmm.dispatch() == "xla"
   # auto on a GPU (faked here): the kernel for small M and big weights only
   monkeypatch.setattr(pallas_lib.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(pallas_lib, "probe", lambda *a: True)
   p = plan(8)
   assert p is not None and not p.interpret and p.block_m == 16
   assert plan(pallas_lib.THRESHOLDS["gpu"]["max_m"] + 1) is None
@@ -257,3 +258,43 @@ def test_kernels_lower_for_gpu_and_tpu(platform):
     text = exp.mlir_module()
     assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") \
         in text
+
+
+def test_auto_probes_each_kernel_once_and_falls_back(monkeypatch):
+  """On a device, auto compiles and checks each kernel configuration once
+  against XLA before using it; a failure (here: no GPU to compile for, then
+  a kernel that is off by one) keeps the dot on XLA with a warning."""
+  dn = (((1,), (0,)), ((), ()))
+  w = np.random.default_rng(5).standard_normal((1024, 1024)).astype(
+      np.float32)
+  qw = quantize(w, "int8", channel_axes=(1,), narrow_range=True)
+  monkeypatch.setenv("QLITE_PALLAS", "auto")
+  monkeypatch.setattr(pallas_lib.jax, "default_backend", lambda: "gpu")
+
+  def plan():
+    return pallas_lib.plan(qw, dn, (8, 1024), np.float32, 1, "drq", "int8")
+
+  pallas_lib.probe.cache_clear()
+  with pytest.warns(RuntimeWarning, match=r"Pallas w8a8 kernel \(M=8, "
+                    r"K=1024, N=1024, int8 weights\) failed its check on "
+                    r"gpu: .*those dots run on XLA"):
+    assert plan() is None          # pallas_call cannot compile for CPU
+  real = kmm.w8a8_matmul
+
+  def kernel(*a, impl, **kw):      # "compiles": runs in interpret mode
+    y = real(*a, impl="interpret" if impl == "pallas" else impl, **kw)
+    return y + (1.0 if impl == "pallas" and off_by_one else 0.0)
+
+  monkeypatch.setattr(kmm, "w8a8_matmul", kernel)
+  pallas_lib.probe.cache_clear()
+  off_by_one = True
+  with pytest.warns(RuntimeWarning, match=r"differs from XLA by .* of the "
+                    r"range"):
+    assert plan() is None
+  pallas_lib.probe.cache_clear()
+  off_by_one = False
+  p = plan()
+  assert p is not None and not p.interpret and pallas_lib.probe.cache_info(
+      ).misses == 1
+  assert plan() == p and pallas_lib.probe.cache_info().hits == 1
+  pallas_lib.probe.cache_clear()

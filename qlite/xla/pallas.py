@@ -24,7 +24,9 @@ activation rows up to ``max_m``, weights of at least ``min_weight``
 elements, where a kernel that reads the int8 / int4 weight once beats
 XLA's convert-then-dot; ``bench/device_check.py`` measures the crossover),
 XLA elsewhere; ``interpret`` uses them for every eligible dot in Pallas
-interpret mode on any backend (CI on CPU); ``off`` never.
+interpret mode on any backend (CI on CPU); ``off`` never. On a device, each
+kernel configuration is first compiled, run and compared with its XLA twin
+once (:func:`probe`); one that fails stays on XLA with a warning.
 
 Eligible dots: no dot batch dims, an int8 / int4 symmetric weight of one
 contracting dim, int8-or-narrower activations, N a multiple of 128, K (or
@@ -36,8 +38,10 @@ one device stays on XLA's SPMD path (a kernel runs on one device's data).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -51,8 +55,8 @@ from qlite.core.qarray import QArray
 from qlite.kernels import matmul as kmm
 from qlite.xla import matmul as xmm
 
-__all__ = ["PallasWeight", "plan", "pack", "quantized_dot", "THRESHOLDS",
-           "thresholds"]
+__all__ = ["PallasWeight", "plan", "pack", "quantized_dot", "probe",
+           "THRESHOLDS", "thresholds"]
 
 _INT4 = np.dtype(ml_dtypes.int4)
 
@@ -187,7 +191,55 @@ def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
                           min_block_m=min_bm)
   if blocks is None:
     return None
-  return Plan(kernel, *blocks, packed, pm == "interpret")
+  p = Plan(kernel, *blocks, packed, pm == "interpret")
+  if not p.interpret and not probe(p, rows, k, n, tile, mode == "srq"):
+    return None
+  return p
+
+
+@functools.lru_cache(maxsize=None)
+def probe(p: Plan, m: int, k: int, n: int, tile: int | None,
+          zero_point: bool) -> bool:
+  """Compiles and runs plan ``p``'s kernel once on random data of this
+  shape (on the device, outside jit) and compares it with its XLA twin;
+  False, with a warning naming the kernel and shape, when it fails to
+  compile or disagrees -- the dot then stays on XLA. Cached per shape."""
+  rng = np.random.default_rng(0)
+  t = k // tile if tile else 1
+  hi = 7 if p.packed else 127
+  w = rng.integers(-hi, hi + 1, (k, n)).astype(np.int8)
+  ws = jnp.asarray(rng.uniform(0.5, 1.5, (t, n)).astype(np.float32) / 127)
+  wk = kmm.pack_int4_kn(w, p.block_k) if p.packed else jnp.asarray(w)
+  kw = dict(block_m=p.block_m, block_n=p.block_n, block_k=p.block_k,
+            packed=p.packed)
+  try:
+    if p.kernel == "weight_only":
+      x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+      got = kmm.weight_only_matmul(x, wk, ws, impl="pallas", **kw)
+      ref = kmm.weight_only_matmul(x, wk, ws, impl="xla", **kw)
+    else:
+      x = jnp.asarray(rng.integers(-127, 128, (m, k)).astype(np.int8))
+      xs = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)).astype(np.float32))
+      zw = jnp.asarray(3 * w.astype(np.int32).reshape(t, k // t, n).sum(1)
+                       ) if zero_point else None
+      got = kmm.w8a8_matmul(x, wk, xs, ws, zw, impl="pallas", **kw)
+      ref = kmm.w8a8_matmul(x, wk, xs, ws, zw, impl="xla", **kw)
+    got, ref = np.asarray(got), np.asarray(ref)
+    err = float(np.abs(got - ref).max()) / max(float(np.abs(ref).max()),
+                                                1e-30)
+    exact = p.kernel == "w8a8" and t == 1
+    ok = np.array_equal(got, ref) if exact else err <= 1e-4
+    why = f"differs from XLA by {err:.1e} of the range"
+  except Exception as e:  # any compile / runtime failure: stay on XLA
+    ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  if not ok:
+    warnings.warn(
+        f"qlite: the Pallas {p.kernel} kernel (M={m}, K={k}, N={n}, "
+        f"{'int4' if p.packed else 'int8'} weights) failed its check on "
+        f"{jax.default_backend()}: {why}; those dots run on XLA. Run "
+        f"`python bench/device_check.py` and report it; QLITE_PALLAS=off "
+        f"silences this", RuntimeWarning, stacklevel=2)
+  return bool(ok)
 
 
 def pack(qw: QArray, dimension_numbers, x_ndim: int, weight_operand: int,
