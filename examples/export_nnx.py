@@ -90,7 +90,7 @@ def main(out: str | None = None) -> dict:
   print(f"  input  {t_in.dtype} scale {float(t_in.scale[0]):.6g} zero point "
         f"{int(t_in.zero_point[0])}; output {t_out.dtype} scale "
         f"{float(t_out.scale[0]):.6g} zero point {int(t_out.zero_point[0])}")
-  print(f"  BatchNorm folded: no BATCH_NORM / MUL / ADD op left: "
+  print(f"  BatchNorm folded into the conv (no MUL / ADD op left): "
         f"{not {'MUL', 'ADD'} & set(info.op_histogram)}")
 
   # TFLiteRunner quantizes a float input with the file's scale itself.

@@ -46,7 +46,7 @@ def check_export_nnx(out, tmp):
                    r".*model\.eval\(\)", out)
   assert number(r"SQNR LiteRT vs float\s+([\d.]+) dB", out) >= 35.0  # 42.4
   assert number(r"LiteRT int8 accuracy\s+([\d.]+) %", out) >= 92.0  # 96.66
-  assert "BatchNorm folded: no BATCH_NORM / MUL / ADD op left: True" in out
+  assert "BatchNorm folded into the conv (no MUL / ADD op left): True" in out
   assert re.search(r"full integer\s+True", out)
 
 
