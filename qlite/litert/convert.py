@@ -189,10 +189,138 @@ def _convert_stablehlo(module, input_names, output_names, *, quantized,
       else:
         cfg.qdq_conversion_mode = "NONE"
       capi.run_convert_to_tfl_passes(module, passmanager.PassManager(), cfg)
-      return bytes(capi.export_flatbuffer_to_bytes(module.operation))
+      blob = bytes(capi.export_flatbuffer_to_bytes(module.operation))
   except Exception as e:
     raise ConversionError(f"litert-converter failed: {type(e).__name__}: "
                           f"{e}") from e
+  return int16_rewrites(blob) if quantized else blob
+
+
+# Ops whose 16x8 kernels (int16 input, int8 weights) read an int64 bias
+# (input index 2); the converter emits int32 ones.
+_BIAS_OPS = {"FULLY_CONNECTED": 2, "CONV_2D": 2, "DEPTHWISE_CONV_2D": 2,
+             "TRANSPOSE_CONV": 3}
+_INT32_LIMITS = (-(1 << 31), (1 << 31) - 1)
+
+
+def int16_rewrites(blob: bytes) -> bytes:
+  """The 16x8 fix-ups of a converted model that holds int16 tensors
+  (:func:`int16_biases_to_int64`, :func:`fuse_requantize`); ``blob``
+  unchanged (the same bytes) when it has none, as every int8 export."""
+  from ai_edge_litert import schema_py_generated as schema
+  if not _has_int16_tensor(blob, schema):
+    return blob
+  return fuse_requantize(int16_biases_to_int64(blob))
+
+
+def fuse_requantize(blob: bytes) -> bytes:
+  """Returns ``blob`` with every DEQUANTIZE -> QUANTIZE pair (a quantized
+  tensor taken to float only to be quantized at another scale or width)
+  replaced by one QUANTIZE from the integer tensor (LiteRT requantizes
+  int8 <-> int16 in integers).
+
+  The converter folds two adjacent fake-quant boundaries into one, so the
+  fake-quant model puts an optimization barrier between an int16 value and
+  its int8 copy (mixed regions, ``ConversionProvider``); the converter then
+  leaves this float pair. The float tensor must feed only QUANTIZE ops and
+  not be a model output."""
+  from ai_edge_litert.tools import flatbuffer_utils as fbu
+  model = fbu.read_model_from_bytearray(bytearray(blob))
+  names = {i: fbu.opcode_to_name(model, i)
+           for i in range(len(model.operatorCodes))}
+  changed = False
+  for sg in model.subgraphs:
+    readers: dict[int, list] = {}
+    for op in sg.operators:
+      for t in op.inputs:
+        readers.setdefault(int(t), []).append(op)
+    outputs = {int(t) for t in sg.outputs}
+    drop = []
+    for op in sg.operators:
+      if names[op.opcodeIndex] != "DEQUANTIZE":
+        continue
+      src, mid = int(op.inputs[0]), int(op.outputs[0])
+      users = readers.get(mid, [])
+      if mid in outputs or not users or any(
+          names[u.opcodeIndex] != "QUANTIZE" for u in users):
+        continue
+      if sg.tensors[src].quantization is None or \
+          sg.tensors[src].buffer and model.buffers[sg.tensors[src].buffer] \
+          .data is not None:
+        continue              # a constant: left to the converter's form
+      for u in users:
+        u.inputs = np.array([src if int(t) == mid else int(t)
+                             for t in u.inputs], np.int32)
+      drop.append(op)
+    if drop:
+      sg.operators = [op for op in sg.operators
+                      if not any(op is d for d in drop)]
+      changed = True
+  if not changed:
+    return blob
+  return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def int16_biases_to_int64(blob: bytes) -> bytes:
+  """Returns ``blob`` with the bias of every conv / fully-connected op
+  that reads an int16 input stored as int64, as LiteRT's 16x8 kernels
+  require (DEPTHWISE_CONV_2D refuses an int32 one at prepare; the others
+  take int64 as their canonical 16x8 form). The values and scales are the
+  converter's (an int32 code is exact in int64).
+
+  Raises:
+    ConversionError: a bias code the converter saturated at the int32
+      limits (bias / (input scale * weight scale) does not fit: its float
+      value is lost), naming the tensor.
+  """
+  from ai_edge_litert import schema_py_generated as schema
+  from ai_edge_litert.tools import flatbuffer_utils as fbu
+  model = fbu.read_model_from_bytearray(bytearray(blob))
+  int16, int32, int64 = (schema.TensorType.INT16, schema.TensorType.INT32,
+                         schema.TensorType.INT64)
+  names = {i: fbu.opcode_to_name(model, i)
+           for i in range(len(model.operatorCodes))}
+  changed = False
+  for sg in model.subgraphs:
+    for op in sg.operators:
+      slot = _BIAS_OPS.get(names[op.opcodeIndex])
+      if slot is None or len(op.inputs) <= slot or op.inputs[slot] < 0:
+        continue
+      if sg.tensors[op.inputs[0]].type != int16:
+        continue
+      bias = sg.tensors[op.inputs[slot]]
+      if bias.type != int32:
+        continue
+      buf = model.buffers[bias.buffer]
+      codes = np.frombuffer(bytes(bytearray(buf.data)), np.int32)
+      if codes.size and (codes.min() <= _INT32_LIMITS[0]
+                         or codes.max() >= _INT32_LIMITS[1]):
+        name = bias.name.decode() if isinstance(bias.name, bytes) \
+            else bias.name
+        raise ConversionError(
+            f"the int32 bias `{name}` of a 16x8 "
+            f"{names[op.opcodeIndex]} saturates: bias / (input scale * "
+            f"weight scale) does not fit in int32 with int16 activations; "
+            f"keep that layer's activations int8 (a rule with "
+            f"act_qtype='int8' for its module)")
+      buf.data = np.frombuffer(codes.astype(np.int64).tobytes(), np.uint8)
+      bias.type = int64
+      changed = True
+  if not changed:
+    return blob
+  return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def _has_int16_tensor(blob: bytes, schema) -> bool:
+  """True when a tensor of ``blob`` is int16 (read without unpacking the
+  weights: the int8 exports skip the rewrite at no cost)."""
+  model = schema.Model.GetRootAs(blob, 0)
+  for s in range(model.SubgraphsLength()):
+    sg = model.Subgraphs(s)
+    for t in range(sg.TensorsLength()):
+      if sg.Tensors(t).Type() == schema.TensorType.INT16:
+        return True
+  return False
 
 
 # Constants of at least this many bytes leave the jax.export'ed module as

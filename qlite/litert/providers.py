@@ -4,22 +4,26 @@ with static scales, weights baked in as constants)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from qlite.ops import int_lookup
 from qlite.trace import graph as graph_lib
 from qlite.litert import fake_quant as fq
+from qlite.quant import plan as plan_lib
 from qlite.quant.plan import Plan, build_plan, quantize_operands
 from qlite.quant.scales import (as_quant_stats, boundary_range,
-                                boundary_scale)
+                                boundary_scale, symmetric_acts)
 from qlite.core import calibration, numerics
 from qlite.core.stats import QuantStats
-from qlite.errors import CalibrationError, QTypeError, RuleError
-from qlite.litert.rule_check import check_rules_for_litert
+from qlite import ops
+from qlite.errors import (CalibrationError, QTypeError, RuleError,
+                          UnsupportedOpError)
+from qlite.litert.rule_check import (NO_16X8_KERNEL, check_rules_for_litert,
+                                     no_16x8_kernel_message)
 from qlite.quant.provider import Provider
 from qlite.rules import QuantizationRule, RuleMatcher, aggregation_ignored
 
@@ -114,8 +118,6 @@ class CalibrationProvider(_PlannedProvider):
             stats[b.key] = calibration.batch_stats(
                 val, with_percentiles=var in need_pct,
                 with_histogram=var in need_hist)
-          elif var in plan.probes:     # an integer a lookup table reads
-            stats[plan.probes[var]] = int_lookup.probe_stats(val)
           return val
         outs = graph_lib.evaluate(graph, flat_params, flat_args,
                                   on_value=on_value)
@@ -148,10 +150,6 @@ class CalibrationProvider(_PlannedProvider):
     """
     by_key = plan.boundary_by_key()
     for key, batch in stats.items():
-      if key not in by_key:          # a probe: the integer's min / max
-        self.records[key] = int_lookup.merge_probe(self.records.get(key),
-                                                   batch)
-        continue
       b = by_key[key]
       # NaN / Inf anywhere in the tensor shows in its min or max
       if not (math.isfinite(float(batch["min"]))
@@ -218,7 +216,7 @@ class ConversionProvider(_PlannedProvider):
 
   def prepare(self, graph):
     plan = build_plan(graph, self.matcher)
-    int_lookup.resolve_plan(plan, graph, self.stats)   # tables' ranges
+    _check_16x8_kernels(graph, plan, self.matcher)
     for b in plan.boundaries.values():
       try:
         fq.mlir_dtype(_qtype(b.rule.act_qtype, b))
@@ -240,11 +238,19 @@ class ConversionProvider(_PlannedProvider):
     _unsplat_fused_constants(graph, plan, folded)
     scales = {var: boundary_scale(b, self.stats)
               for var, b in plan.boundaries.items()}
+    float_made = _float_produced(graph, plan, self.matcher)
+
     def on_value(var, val):
       b = plan.boundaries.get(var)
       if b is None:
         return val
       s, z = scales[var]
+      if var in float_made:
+        # kept float by a rule: the converter would otherwise fold the op
+        # between the quantized boundaries into its int8 / int16 kernel at
+        # the next boundary's scale (a float softmax became a SOFTMAX with
+        # an output scale LiteRT refuses)
+        val = jax.lax.optimization_barrier(val)
       return fq.fake_quant(val, s, z, b.rule.act_qtype, rounding=b.rounding)
 
     def weight(spec, w):
@@ -263,7 +269,9 @@ class ConversionProvider(_PlannedProvider):
           c = xp.clip(xp.nan_to_num(c, neginf=lo - hi), lo - hi, None)
           s, z = numerics.scale_zero_point(
               np.float32(np.min(c)), np.float32(max(np.max(c), 0.0)),
-              spec.rule.act_qtype, symmetric=False, narrow_range=False)
+              spec.rule.act_qtype,
+              symmetric=symmetric_acts(spec.rule.act_qtype),
+              narrow_range=False)
           s, z = np.reshape(s, -1), np.reshape(z, -1)
         else:                                        # a select's fill
           c = xp.clip(xp.nan_to_num(c, neginf=lo, posinf=hi), lo, hi)
@@ -274,12 +282,48 @@ class ConversionProvider(_PlannedProvider):
         return None   # e.g. a -inf mask value: left float, strict export names it
       s, z = numerics.scale_zero_point(
           np.float32(np.min(c)), np.float32(np.max(c)), spec.rule.act_qtype,
-          symmetric=False, narrow_range=False)
+          symmetric=symmetric_acts(spec.rule.act_qtype), narrow_range=False)
       return fq.fake_quant(jax.numpy.asarray(c), np.reshape(s, -1),
                            np.reshape(z, -1), spec.rule.act_qtype)
 
+    requant = _requantized_operands(graph, plan, self.matcher)
+    neg_operand = _int16_broadcast_add_acts(graph, plan, self.matcher)
+
     def on_node(node, invals):
-      return quantize_operands(plan, node, invals, weight=weight, const=const)
+      hit = False
+      for i, qtype, target in requant.get(node.index, ()):
+        # mixed int8 / int16: the operand at this op's qtype (a requantize),
+        # at the op's output scale when its kernel reads it there
+        if target is not None:
+          s, z = scales[target]
+        else:
+          b = plan.boundaries[plan_lib.scale_source(graph, node.inputs[i])]
+          s, z = _scale_as(b, qtype, self.stats)
+        invals = list(invals)
+        invals[i] = fq.fake_quant(
+            jax.lax.optimization_barrier(invals[i]), s, z, qtype)
+        hit = True
+      j = neg_operand.get(node.index)
+      if j is not None:            # x + y as y - (-x): x broadcast, int16
+        b = plan.boundaries[plan_lib.scale_source(graph, node.inputs[j])]
+        s, z = _scale_as(b, "int16", self.stats)
+        minus = fq.fake_quant(np.float32(-1.0), [1.0 / 32767.0], [0],
+                              "int16")
+        neg = fq.fake_quant(jax.lax.mul(invals[j], minus), s, z, "int16")
+        return [jax.lax.sub(invals[1 - j], neg)]
+      i = _int16_broadcast_add(graph, plan, node)
+      if i is not None:            # x + c as x - (-c)
+        a = node.inputs[i]
+        c = a.value if isinstance(a, graph_lib.Lit) else invals[i]
+        xp = jax.numpy if isinstance(c, jax.core.Tracer) else np
+        q = const(plan.consts[(node.index, i)], -xp.asarray(c, xp.float32))
+        if q is not None:
+          return [jax.lax.sub(invals[1 - i], q)]
+      outs = quantize_operands(plan, node, invals, weight=weight,
+                               const=const)
+      if outs is None and hit:
+        outs = graph_lib.bind(node, invals)
+      return outs
 
     def f(*flat_args):
       return graph_lib.evaluate(graph, flat_params, flat_args,
@@ -315,6 +359,137 @@ def _unsplat_fused_constants(graph, plan, folded) -> None:
         c = np.array(c, copy=True)
         c.flat[0] = np.nextafter(c.flat[0], np.inf, dtype=c.dtype)
         folded[a] = c
+
+
+def _float_produced(graph, plan, matcher) -> set[int]:
+  """Boundary vars whose producer op is kept float (a rule with
+  act_qtype=None, or no rule): quantized only for the ops that read it."""
+  out = set()
+  for var in plan.boundaries:
+    node = graph.producer.get(var)
+    if node is None or node.index in plan.quantized_nodes:
+      continue
+    m = matcher.match(node.module_path, node.name)
+    if m is None or m[1].act_qtype is None:
+      out.add(var)
+  return out
+
+
+def _check_16x8_kernels(graph, plan, matcher) -> None:
+  """Raises UnsupportedOpError for an op that runs at int16 (its rule, or
+  for a pass-through op the value it reads) that LiteRT has no 16x8 kernel
+  for (rule_check.NO_16X8_KERNEL)."""
+  for node in graph.nodes:
+    if node.name not in NO_16X8_KERNEL or \
+        node.index not in plan.quantized_nodes:
+      continue
+    m = matcher.match(node.module_path, node.name)
+    if m is None:
+      continue
+    index, qtype, reads = m[0], m[1].act_qtype, None
+    if ops.REGISTRY[node.name].role(node) == ops.PASS_THROUGH:
+      srcs = [plan.boundaries.get(plan_lib.scale_source(graph, a))
+              for a in node.inputs
+              if not isinstance(a, graph_lib.Lit) and graph.is_activation(a)]
+      srcs = [b for b in srcs if b is not None]
+      if srcs:
+        b = srcs[0]
+        index, qtype, reads = b.rule_index, b.rule.act_qtype, \
+            (b.module_path, b.op)
+    if symmetric_acts(qtype):
+      raise UnsupportedOpError(no_16x8_kernel_message(
+          node.name, node.module_path, node.source, index, reads))
+
+
+def _requantized_operands(graph, plan, matcher) -> dict[int, list]:
+  """``{node index: [(operand index, qtype, target)]}``: the activation
+  operands of
+  quantized ops whose boundary has another activation qtype than the op's
+  rule (an int8 region next to an int16 one). Each is requantized to the
+  op's qtype right before it (the converter emits a QUANTIZE int16 <->
+  int8), from the same calibrated range, or at the scale of ``target``
+  (the op's output var) for an op whose kernel reads its inputs at its
+  output's scale (concatenate, max...)."""
+  out: dict[int, list] = {}
+  qtypes = {b.rule.act_qtype for b in plan.boundaries.values()}
+  if len(qtypes) < 2:
+    return out
+  for node in graph.nodes:
+    if node.index not in plan.quantized_nodes or \
+        node.index in plan.fused_nodes or \
+        ops.REGISTRY[node.name].role(node) == ops.PASS_THROUGH:
+      continue                  # a pass-through op runs at its input's
+    m = matcher.match(node.module_path, node.name)
+    if m is None or m[1].act_qtype is None:
+      continue
+    handler = ops.REGISTRY[node.name]
+    own = plan.boundaries.get(node.outputs[0]) if node.outputs else None
+    target = node.outputs[0] if own is not None and \
+        own.rule.act_qtype == m[1].act_qtype and \
+        type(handler).same_scale_output is not \
+        ops.base.OpHandler.same_scale_output else None
+    for i, a in enumerate(node.inputs):
+      if isinstance(a, graph_lib.Lit) or not graph.is_activation(a):
+        continue
+      b = plan.boundaries.get(plan_lib.scale_source(graph, a))
+      if b is not None and b.rule.act_qtype != m[1].act_qtype:
+        out.setdefault(node.index, []).append(
+            (i, m[1].act_qtype, target))
+  return out
+
+
+def _scale_as(b, qtype, stats):
+  """``(scale, zero_point)`` of boundary ``b``'s range in ``qtype``."""
+  return boundary_scale(dataclasses.replace(
+      b, rule=dataclasses.replace(b.rule, act_qtype=qtype)), stats)
+
+
+def _int16_broadcast_add_acts(graph, plan, matcher) -> dict[int, int]:
+  """``{node index: operand}`` of the int16 ``add`` s of two activations
+  whose ``operand`` broadcasts to the other's shape: the converter refuses
+  an int16 ADD whose operands differ in shape but takes a broadcasting
+  int16 SUB, so ``x + y`` runs as ``y - (-x)``, ``-x`` a MUL by a
+  quantized -1 at ``x``'s scale (exact: int16 is symmetric)."""
+  out = {}
+  for node in graph.nodes:
+    if node.name != "add" or len(node.inputs) != 2 or \
+        node.index not in plan.quantized_nodes or \
+        any(isinstance(a, graph_lib.Lit) or not graph.is_activation(a)
+            for a in node.inputs):
+      continue
+    m = matcher.match(node.module_path, node.name)
+    if m is None or not symmetric_acts(m[1].act_qtype):
+      continue
+    shapes = [tuple(graph.avals[a].shape) for a in node.inputs]
+    full = tuple(graph.avals[node.outputs[0]].shape)
+    if shapes[0] != shapes[1] and full in shapes:
+      out[node.index] = 1 - shapes.index(full)
+  return out
+
+
+def _int16_broadcast_add(graph, plan, node):
+  """The index of the constant operand of an int16 ``add`` that broadcasts
+  it to the output's shape, else None. The converter refuses an int16
+  ADD whose operands differ in shape ('Operands should have valid
+  shapes'), and shrinks a broadcast constant back, but accepts a
+  broadcasting int16 SUB: ``x + c`` runs as ``x - (-c)``."""
+  if node.name != "add" or len(node.inputs) != 2:
+    return None
+  out = tuple(graph.avals[node.outputs[0]].shape)
+  for i in (0, 1):
+    spec = plan.consts.get((node.index, i))
+    if spec is None or spec.clamp_to is not None or \
+        not symmetric_acts(spec.rule.act_qtype):
+      continue
+    a = node.inputs[i]
+    shape = np.shape(a.value) if isinstance(a, graph_lib.Lit) else \
+        tuple(graph.avals[a].shape)
+    other = node.inputs[1 - i]
+    if isinstance(other, graph_lib.Lit) or \
+        tuple(graph.avals[other].shape) != out:
+      return None
+    return i if tuple(shape) != out else None
+  return None
 
 
 def _qtype(name, b):

@@ -11,10 +11,13 @@ Every rule field, for the LiteRT path (``ConversionProvider``, so
   int8-activation kernels reject them when the model is prepared
   (``fully_connected.cc: input->type != kTfLiteInt16``). Any other qtype has
   no LiteRT kernels.
-* ``act_qtype``: ``int8`` or ``None``. ``int16`` (LiteRT's 16x8 mode) needs
-  symmetric int16 activations (zero point 0) that qlite's calibrated
-  asymmetric scales are not: LiteRT refuses the model at prepare
-  (``input->params.zero_point != 0``).
+* ``act_qtype``: ``int8``, ``int16`` or ``None``. ``int16`` is LiteRT's
+  16x8 mode (int16 activations, int8 weights): its activations are
+  symmetric (zero point 0, ``quant.scales.symmetric_acts``), conv /
+  fully-connected biases int64 (``convert.int16_biases_to_int64``), and
+  rules may mix int8 and int16 modules in one model (a QUANTIZE requantizes
+  between them). Ops LiteRT has no 16x8 kernel for are refused when the
+  model is traced (:data:`NO_16X8_KERNEL`, ``docs/litert_int16_ops.md``).
 * ``act_static_scale=False`` (dynamic range): refused; the full-integer
   export only has calibrated (static) activation scales.
 * ``act_calibration_method``, ``act_aggregation``, ``act_fixed_range``:
@@ -41,10 +44,19 @@ from qlite.errors import QTypeError, RuleError
 from qlite.rules import QuantizationRule
 
 __all__ = ["LITERT_ACT_QTYPES", "LITERT_WEIGHT_QTYPES", "LiteRTQTypeError",
-           "check_rules_for_litert", "check_rule_for_litert"]
+           "NO_16X8_KERNEL", "check_rules_for_litert", "check_rule_for_litert",
+           "no_16x8_kernel_message"]
 
 LITERT_WEIGHT_QTYPES = ("int8", "int4")
-LITERT_ACT_QTYPES = ("int8",)
+LITERT_ACT_QTYPES = ("int8", "int16")
+
+# jax op (or composite) -> the LiteRT op that has no 16x8 form in the
+# converter (probed by bench/int16_ops.py; docs/litert_int16_ops.md).
+NO_16X8_KERNEL = {
+    "aten.gelu.default": "GELU",
+    "concatenate": "CONCATENATION",
+    "gather": "GATHER_ND",
+}
 
 _XLA = "qlite.xla.PtqProvider (the XLA backend) supports it"
 
@@ -73,13 +85,37 @@ def _qtype_problem(field: str, value: str) -> str | None:
             f"{_XLA}")
   if value in LITERT_ACT_QTYPES:
     return None
-  if value == "int16":
-    return ("act_qtype='int16' cannot be exported to LiteRT: its 16x8 "
-            "kernels need symmetric int16 activations (zero point 0) and "
-            "qlite calibrates asymmetric ones, so LiteRT refuses the model "
-            "when it is prepared; use act_qtype='int8'")
   return (f"act_qtype={value!r} cannot be exported to LiteRT: its "
           f"full-integer kernels take int8 activations; use act_qtype='int8'")
+
+
+def no_16x8_kernel_message(op: str, module_path: str, source: str,
+                           rule_index: int, reads: tuple[str, str] | None
+                           = None) -> str:
+  """The refusal of an int16 op LiteRT has no 16x8 kernel for: names the
+  op, its module and the fix (an int8 rule: a mixed model). ``reads``:
+  ``(module_path, op)`` of the value a pass-through op (gather...) reads,
+  whose qtype it runs at."""
+  where = f"op `{op}` in module `{module_path or '<root>'}`" + (
+      f" ({source})" if source else "")
+  head = (f"{where} runs at int16 but LiteRT has no 16x8 kernel for it "
+          f"({NO_16X8_KERNEL[op]} takes int8 or float only; "
+          f"docs/litert_int16_ops.md): ")
+  if reads is not None:
+    mod, src_op = reads
+    return head + (
+        f"it runs at the qtype of the value it reads, op `{src_op}` in "
+        f"module `{mod or '<root>'}` (rules[{rule_index}]): put a rule with "
+        f"act_qtype='int8' for that module before the int16 one, e.g. "
+        f"QuantizationRule(module_path={(mod or '.*')!r}, op_names="
+        f"({src_op!r},), act_qtype='int8') (a QUANTIZE requantizes between "
+        f"the int8 and int16 regions)")
+  return head + (
+      f"rules[{rule_index}] gives it act_qtype='int16'; put a rule with "
+      f"act_qtype='int8' for it before that one, e.g. QuantizationRule("
+      f"module_path={(module_path or '.*')!r}, op_names=({op!r},), "
+      f"act_qtype='int8') (a QUANTIZE requantizes between the int8 and "
+      f"int16 regions)")
 
 
 def check_rule_for_litert(index: int, rule: QuantizationRule) -> None:

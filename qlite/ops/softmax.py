@@ -23,6 +23,16 @@ FIXED_RANGES = {
 }
 
 
+# The same at int16 (LiteRT's 16x8 kernels: symmetric, zero point 0, output
+# scale 1/32768): symmetric int16 of (lo, hi) has scale max(|lo|, |hi|) /
+# 32767.
+FIXED_RANGES_INT16 = {
+    "odml.softmax": (0.0, 32767.0 / 32768.0),
+    "logistic": (0.0, 32767.0 / 32768.0),
+    "tanh": (-32767.0 / 32768.0, 32767.0 / 32768.0),
+}
+
+
 class FixedRange(base.OpHandler):
   family = "softmax_logistic_tanh"
   primitives = frozenset(FIXED_RANGES)

@@ -9,6 +9,7 @@ import numpy as np
 
 from qlite.core import calibration, numerics, qtypes
 from qlite.core.stats import QuantStats
+from qlite.ops import softmax
 from qlite.errors import CalibrationError
 
 ZERO_RANGE_WIDTH = 1e-6
@@ -77,14 +78,25 @@ def boundary_scale(b, stats: QuantStats | None):
   """
   qt = b.rule.act_qtype
   lo, hi = boundary_range(b, stats)
+  if symmetric_acts(qt) and b.fixed_range is not None and \
+      b.fixed_range == softmax.FIXED_RANGES.get(b.op):
+    lo, hi = softmax.FIXED_RANGES_INT16[b.op]   # LiteRT's 16x8 output scale
   if hi - lo < ZERO_RANGE_WIDTH:
     # A constant tensor (e.g. a dead relu): any scale represents it exactly,
     # but a tiny one makes the next layer's int32 bias (bias / (input scale *
     # weight scale)) overflow in LiteRT. Use a unit-wide range.
     hi = lo + 1.0
   s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
-                                   symmetric=False, narrow_range=False)
+                                   symmetric=symmetric_acts(qt),
+                                   narrow_range=False)
   return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
+
+
+def symmetric_acts(qtype) -> bool:
+  """True for activation qtypes LiteRT needs symmetric (zero point 0):
+  int16 (its 16x8 kernels)."""
+  return qtype is not None and qtypes.get_qtype(qtype).name == "int16"
+
 
 
 def as_quant_stats(stats: Any) -> QuantStats:
