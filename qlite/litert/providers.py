@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from qlite.ops import int_lookup
 from qlite.trace import graph as graph_lib
 from qlite.litert import fake_quant as fq
 from qlite.quant import plan as plan_lib
@@ -118,6 +119,8 @@ class CalibrationProvider(_PlannedProvider):
             stats[b.key] = calibration.batch_stats(
                 val, with_percentiles=var in need_pct,
                 with_histogram=var in need_hist)
+          elif var in plan.probes:     # an integer a lookup table reads
+            stats[plan.probes[var]] = int_lookup.probe_stats(val)
           return val
         outs = graph_lib.evaluate(graph, flat_params, flat_args,
                                   on_value=on_value)
@@ -150,6 +153,10 @@ class CalibrationProvider(_PlannedProvider):
     """
     by_key = plan.boundary_by_key()
     for key, batch in stats.items():
+      if key not in by_key:          # a probe: the integer's min / max
+        self.records[key] = int_lookup.merge_probe(self.records.get(key),
+                                                   batch)
+        continue
       b = by_key[key]
       # NaN / Inf anywhere in the tensor shows in its min or max
       if not (math.isfinite(float(batch["min"]))
@@ -217,6 +224,7 @@ class ConversionProvider(_PlannedProvider):
   def prepare(self, graph):
     plan = build_plan(graph, self.matcher)
     _check_16x8_kernels(graph, plan, self.matcher)
+    int_lookup.resolve_plan(plan, graph, self.stats)   # tables' ranges
     for b in plan.boundaries.values():
       try:
         fq.mlir_dtype(_qtype(b.rule.act_qtype, b))
