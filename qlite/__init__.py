@@ -18,6 +18,7 @@ from qlite.qat import QatProvider, QatModel, stats_from_qat
 from qlite.analysis.report import Report
 from qlite.analysis.runner import compare
 from qlite.analysis.sensitivity import find_sensitive_layers, rules_keeping_float
+from qlite.analysis.autotune import autotune, AutotuneReport
 from qlite import metrics
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ __all__ = [
     "export_tflite", "export_float_tflite", "annotate", "QatProvider", "xla", "kernels",
     "QatModel", "stats_from_qat",
     "compare", "Report", "find_sensitive_layers", "rules_keeping_float",
-    "metrics", "ptq",
+    "metrics", "ptq", "autotune", "AutotuneReport",
 ]

@@ -193,6 +193,42 @@ def _cmd_compare(args):
     print(f"wrote {args.html}")
 
 
+def _cmd_tune(args):
+  import qlite
+  from qlite.analysis.autotune import autotune
+  from qlite.litert.convert import write_atomic
+  from qlite.quant.batches import describe_bad_batch
+  if args.out is not None:
+    _check_output_path(args.out, "tune")
+  model, variables, batches = load_entry(args.entry)
+  batches = list(batches)
+  for n, batch in enumerate(batches):
+    problem = describe_bad_batch(batch, what=f"{args.entry}: batch {n}")
+    if problem is not None:
+      raise QliteError(problem)
+  rules = [qlite.QuantizationRule(module_path=r".*", weight_qtype="int8",
+                                  act_qtype="int8")]
+  calib = batches[:args.calib_batches]
+  held = batches[args.calib_batches:][:args.eval_batches] or None
+  rules, stats, report = autotune(
+      model, rules, calib, variables=variables,
+      target_sqnr_db=args.target_sqnr, eval_batches=held,
+      allow_float=args.allow_float, max_fraction=args.max_fraction,
+      progress=not args.no_progress)
+  print(report)
+  args.interrupts.check()
+  if args.out is not None:
+    first = batches[0]
+    example = tuple(x[:1] for x in first) \
+        if isinstance(first, (tuple, list)) else first[:1]
+    blob = qlite.export_tflite(model, rules, stats, example,
+                               variables=variables,
+                               strict=not args.allow_float)
+    args.interrupts.check()
+    write_atomic(args.out, blob, what="tune")
+    print(f"wrote {args.out}")
+
+
 def _cmd_inspect(args):
   import qlite
   info = qlite.inspect_tflite(args.model)
@@ -287,6 +323,27 @@ def main(argv=None) -> int:
   c.add_argument("--no-progress", action="store_true",
                  help="no progress bars (calibration and compare)")
   c.set_defaults(func=_cmd_compare)
+  t = sub.add_parser("tune", help="promote the fewest modules to int16 "
+                     "(LiteRT 16x8) until the export reaches a target SQNR")
+  t.add_argument("entry", help="package.module:function returning "
+                 "(model, variables, batches)")
+  t.add_argument("--target-sqnr", type=float, required=True,
+                 help="LiteRT vs float SQNR (dB) to reach on held-out "
+                 "batches")
+  t.add_argument("--out", help="export the tuned model here")
+  t.add_argument("--calib-batches", type=_positive, default=24,
+                 help="the first N batches calibrate; the ones after are "
+                 "held out (default: the last quarter of the N)")
+  t.add_argument("--eval-batches", type=_positive, default=8,
+                 help="held-out batches after the calibration ones")
+  t.add_argument("--allow-float", action="store_true",
+                 help="allow float modules when int16 everywhere misses the "
+                 "target")
+  t.add_argument("--max-fraction", type=float, default=None,
+                 help="promote at most this fraction of the boundaries")
+  t.add_argument("--no-progress", action="store_true",
+                 help="do not print each export measured")
+  t.set_defaults(func=_cmd_tune)
   i = sub.add_parser("inspect", help="ops, dtypes, quantization of a .tflite")
   i.add_argument("model")
   i.add_argument("--tensors", action="store_true", help="list every tensor")

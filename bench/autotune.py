@@ -1,0 +1,96 @@
+"""qlite.autotune on zoo models: promote the fewest modules to int16
+(LiteRT 16x8) until LiteRT reaches 35 dB vs float on held-out batches.
+Records base / final SQNR, the modules and share of boundaries promoted,
+and the size and LiteRT latency cost.
+
+    python bench/autotune.py                 # writes bench/RESULTS_autotune.md
+    python bench/autotune.py mlp_mixer       # one model, no file
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+
+import qlite
+from qlite.zoo import base, registry
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = 35.0
+CALIB = 16
+HELD = 2
+
+
+def batches_of(name: str):
+  """(calibration, held-out) batches from the zoo model's own generator,
+  the held-out ones with another seed."""
+  import importlib
+  mod = importlib.import_module(f"qlite.zoo.{name}")
+  if name == "transformer":
+    shape, make, seed = (mod.SEQ_LEN, mod.IN_FEATURES), base.normal_batches, 300
+  else:
+    shape, make, seed = mod.INPUT_SHAPE, base.uniform_batches, {
+        "mlp_mixer": 700, "resnet": 200}[name]
+  return (make(shape, seed=seed, num=CALIB),
+          make(shape, seed=seed + 9000, num=HELD))
+
+
+def measure(name: str) -> dict:
+  zm = registry.get(f"{name}/linen")
+  calib, held = batches_of(name)
+  t0 = time.perf_counter()
+  rules, stats, report = qlite.autotune(
+      zm.model, [qlite.QuantizationRule()], calib, variables=zm.variables,
+      target_sqnr_db=TARGET, eval_batches=held, progress=True)
+  secs = time.perf_counter() - t0
+  print(report, flush=True)
+  return dict(model=name, report=report, secs=secs)
+
+
+def table(rows) -> str:
+  lines = ["| model | int8 dB | tuned dB | reached | promoted modules | "
+           "boundaries promoted | size int8 -> tuned | LiteRT latency int8 "
+           "-> tuned (1 thread) | exports | time s |",
+           "|" + "---|" * 10]
+  for r in rows:
+    rep = r["report"]
+    lines.append(
+        f"| {r['model']} | {rep.base_sqnr_db:.1f} | {rep.final_sqnr_db:.1f} "
+        f"| {rep.reached} | {len(rep.promoted)} | {rep.boundaries_promoted}/"
+        f"{rep.boundaries} ({100 * rep.fraction_promoted:.1f} %) | "
+        f"{rep.base_size / 1024:.0f} -> {rep.final_size / 1024:.0f} KiB | "
+        f"{rep.base_latency_ms:.3f} -> {rep.final_latency_ms:.3f} ms | "
+        f"{len(rep.steps) + 1} | {r['secs']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  names = list(argv if argv is not None else sys.argv[1:])
+  write = not names
+  rows = [measure(n) for n in (names or ["transformer", "mlp_mixer",
+                                         "resnet"])]
+  text = table(rows)
+  print(text)
+  if write:
+    detail = "\n\n".join(f"### {r['model']}\n\n```\n{r['report']}\n```"
+                         for r in rows)
+    with open(os.path.join(HERE, "RESULTS_autotune.md"), "w") as f:
+      f.write(
+          f"# qlite.autotune, target {TARGET:.0f} dB (bench/autotune.py)\n\n"
+          f"Zoo models (Linen, seeded random weights), {CALIB} calibration "
+          f"batches from the zoo's generator, {HELD} held-out batches from "
+          f"the same generator with another seed; SQNR is LiteRT vs the "
+          f"float model on the held-out rows (batch 1). Starting rules: int8 "
+          f"everywhere; candidates: int16 (16x8). Latency: median of 50 "
+          f"LiteRT runs of one row, 1 thread, on the machine that ran the "
+          f"command (shared, noisy).\n\n"
+          f"Command: `python bench/autotune.py` (jax {jax.__version__}).\n\n"
+          + text + "\n\n" + detail + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,133 @@
+"""Issue 17: qlite.autotune promotes the fewest modules to int16 (LiteRT
+16x8) until the LiteRT model reaches a target SQNR on held-out batches;
+``qlite tune`` is its CLI."""
+
+import re
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import qlite
+from qlite import cli
+from qlite.analysis.autotune import autotune
+from qlite.metrics import sqnr_db
+
+Rule = qlite.QuantizationRule
+RNG = np.random.default_rng(0)
+BATCHES = [RNG.uniform(-1, 1, (8, 4, 16)).astype(np.float32)
+           for _ in range(4)]
+HELD = [RNG.uniform(-1, 1, (8, 4, 16)).astype(np.float32)]
+
+
+class Net(nn.Module):
+  """Two LayerNorm blocks and a residual: LayerNorm terms are the int8
+  error; its Dense layers are already as good in int8."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(16)(x)
+    h = h + nn.Dense(16)(nn.relu(nn.LayerNorm()(h)))
+    return nn.Dense(4)(nn.LayerNorm()(h))
+
+
+@pytest.fixture(scope="module")
+def tuned():
+  m = Net()
+  v = m.init(jax.random.key(0), BATCHES[0][:1])
+  rules, stats, report = autotune(m, [Rule()], BATCHES, variables=v,
+                                  target_sqnr_db=TARGET, eval_batches=HELD)
+  return m, v, rules, stats, report
+
+
+TARGET = 36.0
+
+
+def _litert_sqnr(m, v, blob):
+  runner = qlite.TFLiteRunner(blob)
+  x = HELD[0]
+  y = np.concatenate([np.asarray(runner.run(x[i:i + 1])[0])
+                      for i in range(len(x))])
+  return sqnr_db(np.asarray(m.apply(v, x)), y)
+
+
+def test_autotune_reaches_the_target_with_some_modules_int16(tuned):
+  m, v, rules, stats, report = tuned
+  assert report.base_sqnr_db < TARGET          # int8 alone misses it
+  assert report.reached and report.final_sqnr_db >= TARGET
+  # not everything: fewer modules than the model has
+  assert 0 < len(report.promoted) < 6
+  assert 0 < report.boundaries_promoted < report.boundaries
+  assert all(q == "int16" for _, q, _ in report.promoted)
+  # the returned rules export what the report measured, independently
+  blob = qlite.export_tflite(m, rules, stats, BATCHES[0][:1], variables=v)
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer
+  assert "INT16" in {t.dtype for t in info.tensors}
+  assert _litert_sqnr(m, v, blob) == pytest.approx(report.final_sqnr_db,
+                                                   abs=0.01)
+  # the promotions come first, exact module paths; the base rule last
+  assert rules[-1] == Rule()
+  promoted_paths = {p for p, _, _ in report.promoted}
+  exact = {r.module_path for r in rules[:-1]}
+  assert exact == {re.escape(p) for p in promoted_paths}
+
+
+def test_autotune_report_lists_cost(tuned):
+  *_, report = tuned
+  assert report.final_size > report.base_size > 0
+  assert report.base_latency_ms > 0 and report.final_latency_ms > 0
+  text = str(report)
+  assert "reached" in text and "int16" in text and "latency" in text
+  for path, _, _ in report.promoted:
+    assert (path or "<root>") in text
+  # the search measured each export it reports
+  assert report.steps and all(s.error is None for s in report.steps)
+
+
+def test_autotune_refuses_bad_arguments():
+  m = Net()
+  v = m.init(jax.random.key(0), BATCHES[0][:1])
+  with pytest.raises(qlite.QliteError, match="finite number of dB"):
+    autotune(m, [Rule()], BATCHES, variables=v, target_sqnr_db=float("nan"))
+  with pytest.raises(qlite.QliteError, match="allow_float=True"):
+    autotune(m, [Rule()], BATCHES, variables=v, target_sqnr_db=30.0,
+             candidates=("float",))
+  with pytest.raises(qlite.QliteError, match="'int16' and 'float'"):
+    autotune(m, [Rule()], BATCHES, variables=v, target_sqnr_db=30.0,
+             candidates=("int4",))
+  with pytest.raises(qlite.QliteError, match="at least 2 batches"):
+    autotune(m, [Rule()], BATCHES[:1], variables=v, target_sqnr_db=30.0)
+
+
+def test_qlite_tune_cli(tmp_path, monkeypatch, capsys):
+  """An already reached target promotes nothing; the CLI prints the
+  report and writes the export."""
+  (tmp_path / "qlite_tune_entry.py").write_text(textwrap.dedent("""
+      import jax
+      import numpy as np
+      from flax import linen as nn
+
+      class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+          return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+
+      def make():
+        model = Tiny()
+        rng = np.random.default_rng(0)
+        batches = [rng.uniform(-1, 1, (8, 6)).astype(np.float32)
+                   for _ in range(4)]
+        return model, model.init(jax.random.key(0), batches[0]), batches
+      """))
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "tuned.tflite"
+  assert cli.main(["tune", "qlite_tune_entry:make", "--target-sqnr", "10",
+                   "--calib-batches", "3", "--out", str(out),
+                   "--no-progress"]) == 0
+  text = capsys.readouterr().out
+  assert "target 10.0 dB reached" in text
+  assert "promoted 0 modules" in text
+  assert qlite.inspect_tflite(out.read_bytes()).full_integer
