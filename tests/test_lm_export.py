@@ -231,3 +231,27 @@ def test_full_integer_8x8_for_comparison():
   (y,) = qlite.TFLiteRunner(blob).run(seq)
   got = y[0, len(prompt) - 1:-1].argmax(-1)
   assert np.mean(got == np.asarray(ref)) >= 0.9
+
+
+@pytest.mark.slow
+def test_lm_export_example_runs(tmp_path):
+  # examples/lm_export.py (tests/test_examples.py leaves it to this file):
+  # trains briefly, exports three formats, prints the comparison table.
+  import os
+  script = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "examples", "lm_export.py")
+  out = subprocess.run(
+      [sys.executable, script, "--steps", "40", "--out-dir", str(tmp_path),
+       "--formats", "float,int8_dynamic,int4_block32"],
+      capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+          if len(line.split()) == 8 and line.split()[0] in
+          ("float", "int8_dynamic", "int4_block32")}
+  assert set(rows) == {"float", "int8_dynamic", "int4_block32"}
+  assert float(rows["float"][2]) == 1.0                    # size vs float
+  assert float(rows["int8_dynamic"][2]) < 0.4
+  assert float(rows["int4_block32"][2]) < float(rows["int8_dynamic"][2])
+  assert abs(float(rows["int8_dynamic"][4])) < 0.05        # bits/byte delta
+  for fmt in rows:
+    assert (tmp_path / f"lm_{fmt}.tflite").exists()
