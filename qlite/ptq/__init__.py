@@ -1,6 +1,6 @@
 """PTQ algorithms that change the weights before the int8 export
-(SmoothQuant-style scale migration, AdaRound-style rounding, bias
-correction): :func:`optimize`."""
+(cross-layer equalization, SmoothQuant-style scale migration, AdaRound-style
+rounding, bias correction): :func:`optimize`."""
 
 from qlite.ptq.api import (ALGORITHMS, DEFAULT_ALGORITHMS, PtqResult,
                            optimize)

@@ -12,14 +12,15 @@ import numpy as np
 from qlite.errors import CalibrationError, QliteError
 from qlite.litert.pipeline import calibrate
 from qlite.litert.providers import CalibrationProvider, ConversionProvider
-from qlite.ptq import _graph, adaround, bias_correction, smoothquant
+from qlite.ptq import (_graph, adaround, bias_correction, equalization,
+                       smoothquant)
 from qlite.quant.provider import QuantizedModel
 from qlite.rules import QuantizationRule
 
 # In the order they run: float-equivalent rescaling first (it changes the
 # ranges calibration sees), then the rounding, then the bias correction of
 # what error remains.
-ALGORITHMS = ("smoothquant", "adaround", "bias_correction")
+ALGORITHMS = ("equalization", "smoothquant", "adaround", "bias_correction")
 """The algorithm names :func:`optimize` accepts in ``algorithms``."""
 # Chosen by measurement on held-out data (bench/ptq_algorithms.py,
 # bench/RESULTS_ptq.md).
@@ -75,7 +76,9 @@ def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     batches: calibration batches (as :func:`qlite.calibrate`); read several
       times, so an iterator is materialised into a list.
     variables: the Linen variables; None for NNX.
-    algorithms: any of ``"smoothquant"`` (LayerNorm -> dense scale
+    algorithms: any of ``"equalization"`` (cross-layer equalization of
+      conv / BatchNorm -> ReLU -> conv chains, float-equivalent),
+      ``"smoothquant"`` (LayerNorm -> dense scale
       migration, float-equivalent), ``"adaround"`` (data-driven rounding of
       conv / dense weights), ``"bias_correction"`` (removes each layer's
       mean output error via its bias or BatchNorm mean); they run in that
@@ -113,12 +116,18 @@ def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
 
   cal = lambda m, v: calibrate(m, rules, batches, variables=v, method=method,
                                progress=progress)
-  if "smoothquant" in algorithms:
+  for name in ("equalization", "smoothquant"):
+    if name not in algorithms:
+      continue
     qm, leaves = leaves_of(model, variables)
     graph, plan = qm.traced(args)
     layers = _graph.weighted_layers(graph, plan, leaves)
-    new = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
-                              report, alpha=smoothquant_alpha)
+    if name == "equalization":
+      new = equalization.equalize(graph, layers, leaves, qm.mf.params,
+                                  batches, report)
+    else:
+      new = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
+                                report, alpha=smoothquant_alpha)
     if new is not leaves:
       model, variables = _graph.rebuild(model, qm.mf.params, new)
   stats = cal(model, variables)
