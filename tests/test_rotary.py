@@ -209,3 +209,34 @@ def test_timestep_table_too_large_is_a_named_error():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       qlite.export_tflite(model, RULES, stats, batches[0], variables=v)
+
+
+class _Ints(nn.Module):
+  """Integers computed in the ways int_range follows; one float cast each."""
+
+  @nn.compact
+  def __call__(self, x, ids):
+    f = lambda i: i.astype(jnp.float32)[..., None] * nn.Dense(1)(x)[:, None]
+    outs = [
+        f(jnp.cumsum(ids > 0, axis=-1)),                  # [0, 8]
+        f(jnp.arange(8)[None, :] + jnp.clip(ids, 2, 5)),  # [2, 12]
+        f(jax.ops.segment_sum(jnp.ones_like(ids[0]), ids[0] % 4, 4)[None]),
+        f(ids),                                           # int32 input: None
+    ]
+    return sum(o.sum() for o in outs)
+
+
+def test_int_range_follows_the_graph():
+  from qlite.ops import int_lookup
+  from qlite.trace import flax_hooks
+  from qlite.trace import graph as graph_lib
+  x = np.zeros((1, 4), np.float32)
+  ids = np.zeros((1, 8), np.int32)
+  model = _Ints()
+  v = model.init(jax.random.key(0), x, ids)
+  g = graph_lib.trace(flax_hooks.model_function(model, v), [x, ids])
+  regions = int_lookup.find_regions(g, lambda n: "compute")
+  got = sorted(((r.lo, r.hi) if r.bounded else None) for r in regions
+               if r.bounded) + [None] * sum(not r.bounded for r in regions)
+  # segment_sum of 8 ones: a masked sum over 8 rows
+  assert got == [(0, 8), (0, 8), (2, 12), None], got

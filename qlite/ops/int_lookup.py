@@ -164,7 +164,10 @@ def find_regions(graph, role) -> list[Region]:
   for s, idx in by_source.items():
     outs = [o for i in idx for o in graph.nodes[i].outputs if o in exits]
     first = graph.nodes[idx[0]]
-    rng = int_range(graph, s)
+    try:
+      rng = int_range(graph, s)
+    except RecursionError:     # a very long integer chain: calibration
+      rng = None
     key = (f"{first.module_path}/" if first.module_path else "") + \
         f"convert_element_type:int_range:{s}"
     regions.append(Region(
@@ -174,6 +177,10 @@ def find_regions(graph, role) -> list[Region]:
   return regions
 
 
+_INF = float("inf")
+_ANY = (-_INF, _INF)
+
+
 def _dtype_bounds(dtype):
   dt = np.dtype(dtype)
   if dt == np.bool_:
@@ -181,25 +188,33 @@ def _dtype_bounds(dtype):
   if np.issubdtype(dt, np.integer) and dt.itemsize <= 2:
     info = np.iinfo(dt)
     return int(info.min), int(info.max)
-  return None
+  return _ANY
 
 
-def int_range(graph, var, _memo=None) -> tuple[int, int] | None:
+def int_range(graph, var) -> tuple[int, int] | None:
   """A sound ``(lo, hi)`` of integer (or bool) var ``var`` from the ops
   that compute it, or None when they do not bound it (an int32 model input,
   a division...)."""
-  memo = {} if _memo is None else _memo
+  lo, hi = _bounds(graph, var, {})
+  if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+    return None
+  return int(lo), int(hi)
+
+
+def _bounds(graph, var, memo):
+  """``(lo, hi)`` with infinities for what is not bounded."""
   if not isinstance(var, int):
     v = np.asarray(var.value)
-    return (int(v.min()), int(v.max())) if v.size else None
-  if var in memo:
-    return memo[var]
-  memo[var] = None           # (cycles cannot happen; keeps recursion finite)
-  out = _int_range(graph, var, memo)
-  if out is not None and out[0] > out[1]:
-    out = None
-  memo[var] = out
-  return out
+    return (int(v.min()), int(v.max())) if v.size else _ANY
+  if var not in memo:
+    memo[var] = _ANY            # (no cycles; keeps recursion finite)
+    memo[var] = _int_range(graph, var, memo)
+  return memo[var]
+
+
+def _mul(a, b):
+  p = [x * y if x and y else 0 for x in a for y in b]   # 0 * inf = 0
+  return min(p), max(p)
 
 
 def _int_range(graph, var, memo):
@@ -209,11 +224,11 @@ def _int_range(graph, var, memo):
     return 0, 1
   if var in graph.consts:
     v = np.asarray(graph.consts[var])
-    return (int(v.min()), int(v.max())) if v.size else None
+    return (int(v.min()), int(v.max())) if v.size else _ANY
   node = graph.producer.get(var)
   if node is None:
     return _dtype_bounds(dt)
-  r = lambda a: int_range(graph, a, memo)
+  r = lambda a: _bounds(graph, a, memo)
   name, ins = node.name, node.inputs
   shape = tuple(aval.shape)
   if name == "iota":
@@ -226,64 +241,50 @@ def _int_range(graph, var, memo):
         else np.dtype(graph.avals[ins[0]].dtype)
     if name == "convert_element_type" and not (
         np.issubdtype(src_dt, np.integer) or src_dt == np.bool_):
-      return None
-    return r(ins[0])
+      return _dtype_bounds(dt)
+    a = r(ins[0])
+    b = _dtype_bounds(dt)
+    return max(a[0], b[0]), min(a[1], b[1])
   if name in ("add", "sub", "mul", "max", "min"):
     a, b = r(ins[0]), r(ins[1])
-    if a is None or b is None:
-      return None
     if name == "add":
       return a[0] + b[0], a[1] + b[1]
     if name == "sub":
       return a[0] - b[1], a[1] - b[0]
     if name == "mul":
-      p = [a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]]
-      return min(p), max(p)
+      return _mul(a, b)
     if name == "max":
       return max(a[0], b[0]), max(a[1], b[1])
     return min(a[0], b[0]), min(a[1], b[1])
   if name == "neg":
     a = r(ins[0])
-    return None if a is None else (-a[1], -a[0])
+    return -a[1], -a[0]
   if name == "abs":
     a = r(ins[0])
-    if a is None:
-      return None
     return (0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1])),
             max(abs(a[0]), abs(a[1])))
   if name == "clamp":                    # clamp(lo, x, hi)
     lo, x, hi = r(ins[0]), r(ins[1]), r(ins[2])
-    if lo is None or hi is None:
-      return x
-    if x is None:
-      return lo[0], hi[1]
     return max(x[0], lo[0]), min(x[1], hi[1])
   if name == "select_n":
     cases = [r(a) for a in ins[1:]]
-    if any(c is None for c in cases):
-      return None
     return min(c[0] for c in cases), max(c[1] for c in cases)
   if name in ("concatenate", "pad"):
     parts = [r(a) for a in ins]
-    if any(p is None for p in parts):
-      return None
     return min(p[0] for p in parts), max(p[1] for p in parts)
   if name in ("cumsum", "reduce_sum"):
     a = r(ins[0])
-    if a is None:
-      return None
     in_shape = graph.avals[ins[0]].shape
     if name == "cumsum":
       n = int(in_shape[node.params["axis"]])
     else:
       n = int(np.prod([in_shape[d] for d in node.params["axes"]]))
-    return min(a[0], n * a[0]), max(a[1], n * a[1])
+    return min(a[0], _mul(a, (n, n))[0]), max(a[1], _mul(a, (n, n))[1])
   if name == "scatter-add":              # operand, indices, updates
     base_r, upd = r(ins[0]), r(ins[2])
-    if base_r is None or upd is None:
-      return None
     n = int(np.prod(graph.avals[ins[2]].shape))
-    return base_r[0] + min(0, n * upd[0]), base_r[1] + max(0, n * upd[1])
+    u = _mul(upd, (n, n))
+    return base_r[0] + min(0, u[0]), base_r[1] + max(0, u[1])
   if name in ("argmax", "argmin"):
     n = int(graph.avals[ins[0]].shape[node.params["axes"][0]])
     return 0, max(n - 1, 0)
