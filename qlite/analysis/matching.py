@@ -100,7 +100,7 @@ def match_tensors(info, graph, plan, scales) -> dict[Any, tuple[Any, str]]:
                         f"{scale:.6g} / zero point {zp} or named after "
                         f"`{b.module_path or b.key}/{b.op}` (the converter "
                         f"fused or folded it away, or the .tflite was "
-                        f"exported with other stats)")
+                        f"exported with other stats)", False)
       continue
     same, score = best_key[0], best_key[1]
     how = "+".join(w for w, ok in (("name", score == 2),
@@ -112,8 +112,28 @@ def match_tensors(info, graph, plan, scales) -> dict[Any, tuple[Any, str]]:
     if best.index in taken:
       how += f" (shares the tensor of `{taken[best.index]}`: fused)"
     taken.setdefault(best.index, b.key)
-    out[var] = (best, how)
-  return out
+    out[var] = (best, how, same)
+  return _drop_fused(plan, out)
+
+
+def _drop_fused(plan, out) -> dict[Any, tuple[Any, str]]:
+  """A tensor matched by several boundaries carries the value of those whose
+  scale it has: a boundary matched by name only, on a tensor whose scale
+  another boundary has, was fused into that boundary's op (``x - c`` into
+  ``relu(x - c)``'s SUB with a fused RELU) and has no tensor of its own."""
+  owner = {}
+  for var, (t, _, same) in out.items():
+    if t is not None and same:
+      owner.setdefault(t.index, plan.boundaries[var].key)
+  result = {}
+  for var, (t, how, same) in out.items():
+    if t is not None and not same and t.index in owner:
+      result[var] = (None, f"fused: LiteRT tensor #{t.index} carries "
+                           f"`{owner[t.index]}` (its scale), this value "
+                           f"exists only inside that op")
+    else:
+      result[var] = (t, how)
+  return result
 
 
 def explorer_keys(info, matched: dict[Any, tuple[Any, str]]

@@ -284,7 +284,7 @@ class Report:
     lines += _align(head, body, right=(0, 4, 5, 6, 7, 8, 9))
     if self.unmatched:
       lines.append(f"\nunmatched ({len(self.unmatched)}): no LiteRT tensor "
-                   f"with the boundary's shape and scale:")
+                   f"carries these values:")
       for r in self.unmatched:
         lines.append(f"  {r.key} ({r.op}, shape {tuple(r.shape)}, scale "
                      f"{r.scale:.6g}): {r.match}")
