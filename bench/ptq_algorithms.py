@@ -31,9 +31,11 @@ import numpy as np  # noqa: E402
 CONFIGS = {
     "none": (),
     "bias_correction": ("bias_correction",),
+    "equalization": ("equalization",),
     "adaround": ("adaround",),
     "smoothquant": ("smoothquant",),
-    "all": ("smoothquant", "adaround", "bias_correction"),
+    "equalization+bias_correction": ("equalization", "bias_correction"),
+    "all": ("equalization", "smoothquant", "adaround", "bias_correction"),
 }
 BENCH = ("digits_cnn", "mobilenet_v2", "resnet", "transformer", "unet")
 ZOO = ("mlp_mixer/linen", "squeeze_excite/linen", "tcn/linen",
