@@ -173,7 +173,8 @@ def _kernel_ok(b_: int, rows: int, nk: bool, act: str = "int8",
       cpu_kernels.use_kernel(rows, act, "int4" if packed else "int8")
 
 
-def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
+def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False,
+             panels=None):
   """int8 ``a [B, M, K]`` (int16 only on the kernel route) x int weight ->
   int32.
 
@@ -186,6 +187,13 @@ def _int_dot(a, w, tiles: int, nk: bool = False, packed: bool = False):
   """
   b_, m, k = a.shape
   act = "int16" if np.dtype(a.dtype) == np.dtype(np.int16) else "int8"
+  if panels is not None and act == "int8" and b_ == 1 and \
+      m >= cpu_kernels.GEMM_MIN_ROWS_INT8 and cpu_kernels.available() and \
+      cpu_kernels.family() == "vnni" and \
+      cpu_kernels.use_kernel(m, "int8", "panels"):
+    # the VNNI GEMM form on the weight's panels, packed once
+    out = cpu_kernels.int8_gemm_panels(a[0], panels[0], w.shape[1], tiles)
+    return jnp.swapaxes(out, 0, 1)[None] if tiles > 1 else out[:, 0][None]
   if _kernel_ok(b_, m, nk, act, packed):
     fn = cpu_kernels.int4_dot_nk if packed else cpu_kernels.int8_dot_nk
     out = fn(a[0], w[0], tiles)                       # [M, T, N]
@@ -274,7 +282,11 @@ class PackedWeight:
   values a byte as ``uint8 [B, N, K/2]`` (:func:`qlite.kernels.cpu.
   pack_int4_nk`); ``wscale`` the weight scale as ``[B, 1, N]`` (``[B, T, 1,
   N]`` with T tiles along K). ``scale`` is the QArray's own scale, kept so
-  :meth:`to_qarray` rebuilds the original exactly.
+  :meth:`to_qarray` rebuilds the original exactly. ``panels``: for int8
+  activation dots on an AVX-512 VNNI CPU, the weight's VNNI GEMM panels
+  packed once (``uint8 [B, ceil(N/64), 64 K]``,
+  :func:`qlite.kernels.cpu.pack_u8_panels`; as many bytes again as an int8
+  weight), else None.
   """
   data: Any
   wscale: Any
@@ -287,15 +299,17 @@ class PackedWeight:
   channel_axes: tuple
   tile_sizes: tuple
   dtype: Any
+  panels: Any = None
 
   def tree_flatten(self):
-    return ((self.data, self.wscale, self.scale),
+    return ((self.data, self.wscale, self.scale, self.panels),
             (self.layout, self.tiles, self.packed, self.shape, self.qtype,
              self.channel_axes, self.tile_sizes, self.dtype))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    data, wscale, scale, panels = children
+    return cls(data, wscale, scale, *aux, panels=panels)
 
   @property
   def ndim(self) -> int:
@@ -318,10 +332,13 @@ class PackedWeight:
 
 
 def pack_weight(qw: QArray, dimension_numbers, x_ndim: int,
-                weight_operand: int):
+                weight_operand: int, act_int8: bool = False):
   """Returns ``qw`` as a :class:`PackedWeight` for this dot, or ``qw``
   itself when the integer path does not apply (or int4 K / tile lengths are
   not multiples of 64). Run it once, outside jit (a weight-sized transpose).
+  ``act_int8``: the dot quantizes its activations to int8 (DRQ / SRQ): on a
+  CPU whose kernel family is ``vnni`` the weight's GEMM panels are packed
+  too (:attr:`PackedWeight.panels`), once, instead of per call.
   """
   if not isinstance(qw, QArray) or not int_path_ok(qw, None):
     return qw
@@ -340,17 +357,30 @@ def pack_weight(qw: QArray, dimension_numbers, x_ndim: int,
     data = cpu_kernels.pack_int4_nk(data.reshape(b_ * n, k)).reshape(
         b_, n, k // 2)
   data = jax.block_until_ready(jnp.array(data, copy=True))
+  panels = None
+  if act_int8 and b_ == 1 and _one_device(data) and \
+      jax.default_backend() == "cpu" and cpu_kernels.panels_supported() and \
+      cpu_kernels.family() == "vnni" and \
+      cpu_kernels.panels_packable(k, k // tiles, int4):
+    panels = jax.block_until_ready(
+        cpu_kernels.pack_u8_panels(data[0], int4)[None])
   return PackedWeight(data, _weight_scale(qw, lay, tiles), qw.scale, lay,
                       tiles, int4, qw.shape, qw.qtype, qw.channel_axes,
-                      qw.tile_sizes, qw.dtype)
+                      qw.tile_sizes, qw.dtype, panels=panels)
+
+
+def _one_device(x) -> bool:
+  sharding = getattr(x, "sharding", None)
+  return sharding is None or len(sharding.device_set) == 1
 
 
 def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
   """Canonical integer path: returns float32 ``[B, M, N]``. ``qw`` is a
   :class:`QArray` or a :class:`PackedWeight`."""
+  panels = None
   if isinstance(qw, PackedWeight):
     tiles, w3, ws = qw.tiles, qw.data, qw.wscale
-    nk, packed = True, qw.packed
+    nk, packed, panels = True, qw.packed, qw.panels
   else:
     tiles = _tiles(qw, lay)
     # A QArray used as is: [B, K, N] (no per-call transpose). No barrier on
@@ -387,14 +417,15 @@ def _int_matmul(x3, qw, lay: DotLayout, mode: str, act_scale):
     if m == 1 and not _kernel_ok(b_, m, nk, "int8", packed):
       # a second (zero) row keeps XLA:CPU on its fast route
       a = jnp.concatenate([a, jnp.zeros_like(a)], axis=1)
-    return s * finish(_int_dot(a, w3, tiles, nk, packed), m)
+    return s * finish(_int_dot(a, w3, tiles, nk, packed, panels), m)
   # srq: per-tensor asymmetric codes; a row of ones gives the weight sums.
   scale, zp, qtype = act_scale
   at = qt_lib.get_qtype(qtype)
   q = numerics.quantize_values(x3, jnp.float32(scale), jnp.int32(zp), at)
   q = q.astype(jnp.int8)
   ones = jnp.ones((b_, 1, q.shape[-1]), jnp.int8)
-  acc = _int_dot(jnp.concatenate([q, ones], axis=1), w3, tiles, nk, packed)
+  acc = _int_dot(jnp.concatenate([q, ones], axis=1), w3, tiles, nk, packed,
+                 panels)
   if tiles > 1:
     acc = acc[:, :, :m] - jnp.int32(zp) * acc[:, :, m:]
   else:

@@ -298,7 +298,8 @@ class PtqProvider(Provider):
         continue
       out[i] = matmul.pack_weight(out[i], node.params["dimension_numbers"],
                                   len(graph.avals[x].shape),
-                                  op.weight_operand)
+                                  op.weight_operand,
+                                  act_int8=op.mode != "weight_only")
     return out
 
   def run(self, qmodel, graph, state, flat_params, flat_args):
