@@ -107,8 +107,9 @@ VARIANTS = [
 ]
 
 
-def _time(fns: dict, reps: int) -> dict:
-  """Median seconds per call, variants interleaved round by round."""
+def _time(fns: dict, reps: int, stat=np.median) -> dict:
+  """Seconds per call (``stat`` over the rounds: median, or min on a shared
+  machine), variants interleaved round by round."""
   for f, args in fns.values():
     jax.block_until_ready(f(*args))
     jax.block_until_ready(f(*args))
@@ -118,7 +119,7 @@ def _time(fns: dict, reps: int) -> dict:
       t = time.perf_counter()
       jax.block_until_ready(f(*args))
       times[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in times.items()}
+  return {k: float(stat(v)) for k, v in times.items()}
 
 
 def bench_model(name, model, x_shape, batches, reps):
@@ -310,21 +311,32 @@ def bench_isa(name, model, x_shape, batches, reps, repeats):
     f32 = jax.jit(model.apply)
     ref = np.asarray(f32(variables, x))
     fns = {"f32": (f32, (variables, x))}
+    same = []           # variants whose every dot went to XLA
+    off_label = _families()[0][0]
     for label, fam in _families():
       for mode, kw in ISA_MODES:
         before = sum(cpu_kernels.isa_counts().values()) if \
             cpu_kernels._load() else 0
         f, args, out = _quantized_fn(model, variables, x, kw, fam)
-        fns[(label, mode)] = (f, args)
         sqnrs[(label, mode, batch)] = sqnr_db(ref, out)
+        calls = 0
         if cpu_kernels._load():
-          counts[(label, mode, batch)] = sum(
-              cpu_kernels.isa_counts().values()) - before
+          calls = sum(cpu_kernels.isa_counts().values()) - before
+          counts[(label, mode, batch)] = calls
+        if fam is not None and calls == 0:
+          # The dispatch sent every dot to XLA: the same program as kernels
+          # off (timing it again would only measure this machine's noise).
+          same.append((label, mode))
+          continue
+        fns[(label, mode)] = (f, args)
     for _ in range(repeats):
-      t = _time(fns, reps)
+      t = _time(fns, reps, np.min)
       for key in fns:
         if key != "f32":
           speeds.setdefault(key + (batch,), []).append(t["f32"] / t[key])
+      for label, mode in same:
+        speeds.setdefault((label, mode, batch), []).append(
+            t["f32"] / t[(off_label, mode)])
     print(f"  {name} batch {batch}: done", flush=True)
   return speeds, sqnrs, counts
 
@@ -336,10 +348,17 @@ def render_isa(results, reps, repeats) -> str:
       "",
       f"Device: {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPUs, "
       f"{platform.processor() or platform.machine()}; jax {jax.__version__}."
-      f" Speed = f32 time / variant time (median of {reps} interleaved "
-      f"rounds, every variant of one model and batch side by side in one "
-      f"process); the measurement was repeated {repeats} times: the cell is "
-      "the median speed, [min-max] over the repeats. Each family is forced "
+      f" Speed = f32 time / variant time, each time the fastest of {reps} "
+      f"interleaved rounds (every variant of one model and batch side by "
+      f"side in one process; the minimum, not the median: other jobs load "
+      f"this machine's 2 cores and only ever add time); the measurement was "
+      f"repeated {repeats} times: the cell is the median speed, [min-max] "
+      "over the repeats. A cell whose dispatch sent every dot to XLA (0 "
+      "kernel calls: below the family's crossover the kernel is not used) "
+      "runs the same program as \"kernels off\" and shows \"= off\" "
+      "instead of a second timing of that program (in an earlier run such "
+      "twin timings differed by up to 25% on this loaded machine: noise, "
+      "not a path). Each family is forced "
       "with `qlite.kernels.cpu.use_isa` (as `QLITE_CPU_KERNELS_ISA` does per "
       "process) and dispatches by its measured crossover table "
       "(`KERNEL_MAX_ROWS`: the kernel only where it beat XLA). "
@@ -351,7 +370,7 @@ def render_isa(results, reps, repeats) -> str:
               "| path | w8 batch 1 | w8 batch 64 | w8a8 DRQ batch 1 | "
               "w8a8 DRQ batch 64 | kernel calls per forward (w8 b1 / b64, "
               "DRQ b1 / b64) |", "|---|---|---|---|---|---|"]
-    labels = list(dict.fromkeys(k[0] for k in speeds))
+    labels = [label for label, _ in _families()]
     for label in labels:
       cells, calls = [], []
       for mode in ("w8", "DRQ"):
@@ -367,8 +386,12 @@ def render_isa(results, reps, repeats) -> str:
           if mode == "w8" and batch == 1 and med < 1.0:
             flag += " **<1x f32**"
             bad.append(f"{name} {label} w8 b1: {med:.2f}x f32")
-          cells.append(f"{med:.2f}x [{lo:.2f}-{hi:.2f}]{flag}")
-          calls.append(str(counts.get((label, mode, batch), "-")))
+          n_calls = counts.get((label, mode, batch))
+          if label != labels[0] and n_calls == 0:
+            cells.append("= off (all XLA)")
+          else:
+            cells.append(f"{med:.2f}x [{lo:.2f}-{hi:.2f}]{flag}")
+          calls.append("-" if n_calls is None else str(n_calls))
       lines.append(f"| {label} | " + " | ".join(cells) +
                    f" | {' / '.join(calls)} |")
     sq = [v for v in sqnrs.values() if np.isfinite(v)]
@@ -427,7 +450,7 @@ def crossover(reps, ms=CROSS_M, repeats=1):
             jax.block_until_ready(f(x, w))
           fns[(fam, mode)] = (f, (x, w))
       for _ in range(repeats):
-        t = _time(fns, reps)
+        t = _time(fns, reps, np.min)
         for (fam, mode), v in t.items():
           if fam is not None:
             out.setdefault((fam, mode, (k, n)), {}).setdefault(m, []).append(

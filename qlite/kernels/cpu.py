@@ -60,6 +60,7 @@ from qlite.errors import QliteError
 __all__ = ["available", "int8_dot_nk", "int4_dot_nk", "pack_int4_nk",
            "int4_packable", "int16_act_max", "isa_counts", "cpu_isa",
            "cpu_features", "family", "use_isa", "plan", "info", "FAMILIES",
+           "panels_supported", "pack_u8_panels", "int8_gemm_panels",
            "ISA_NAMES", "KERNEL_MAX_ROWS", "MAX_M"]
 
 # Largest M (activation rows of one dot) routed to the kernel whatever the
@@ -106,7 +107,10 @@ KERNEL_MAX_ROWS = {
     "avx512bw": {("int16", "int8"): 8, ("int16", "int4"): 4,
                  ("int8", "int8"): 4, ("int8", "int4"): 4},
     "vnni": {("int16", "int8"): MAX_M, ("int16", "int4"): MAX_M,
-             ("int8", "int8"): 8, ("int8", "int4"): 8},
+             ("int8", "int8"): 8, ("int8", "int4"): 8,
+             # GEMM form on panels packed once (PackedWeight.panels), from
+             # GEMM_MIN_ROWS_INT8 rows
+             ("int8", "panels"): 64},
     "neon": {("int16", "int8"): 4, ("int16", "int4"): 4,
              ("int8", "int8"): 1, ("int8", "int4"): 1},
 }
@@ -223,7 +227,7 @@ def plan(m: int, act: str = "int8", weight: str = "int8",
     fam = family()
   if fam is None or jax.default_backend() != "cpu" or not _load():
     return False, "kernels off or not built: XLA"
-  limit = min(KERNEL_MAX_ROWS[fam][(act, weight)], MAX_M)
+  limit = min(KERNEL_MAX_ROWS[fam].get((act, weight), 0), MAX_M)
   if m <= limit:
     return True, (f"{fam} kernel beats XLA up to {limit} rows "
                   f"({act} act x {weight} weight)")
@@ -277,6 +281,11 @@ def info() -> dict:
           why=f"measured crossover of the {fam} kernel vs XLA "
           "(docs/xla_cpu_paths.md)"))
   out["paths"] = paths
+  lim = KERNEL_MAX_ROWS.get(fam or "", {}).get(("int8", "panels"), 0)
+  out["panels"] = (
+      f"w8a8 weights get VNNI GEMM panels packed once "
+      f"(PackedWeight.panels); the GEMM form reads them for "
+      f"{GEMM_MIN_ROWS_INT8}-{lim} rows" if fam == "vnni" and lim else None)
   return out
 
 
@@ -293,6 +302,8 @@ def format_info(d: dict | None = None) -> str:
                f"({d['family_reason']})")
   for p in d["paths"]:
     lines.append(f"  {p['kind']}: {p['path']} -- {p['why']}")
+  if d.get("panels"):
+    lines.append(f"  panels: {d['panels']}")
   return "\n".join(lines) + "\n"
 
 
@@ -349,3 +360,51 @@ def int8_dot_nk(a, w, tiles: int = 1):
 def int4_dot_nk(a, w_packed, tiles: int = 1):
   """As :func:`int8_dot_nk` with ``w_packed`` from :func:`pack_int4_nk`."""
   return _call("qlite_i4_dot_nk", _act(a), w_packed, tiles)
+
+
+# Activation rows from which the VNNI GEMM form runs for int8 activations
+# (cpu_kernels.cc GemmMinM; panels packed once serve those dots).
+GEMM_MIN_ROWS_INT8 = 16
+
+
+def panels_supported() -> bool:
+  """True when this CPU runs the VNNI GEMM form (AVX-512 VNNI), whose
+  weight panels :func:`pack_u8_panels` packs once."""
+  return _load() and bool(cpu_features().get("vnni"))
+
+
+def panels_packable(k: int, tile: int | None = None,
+                    int4: bool = False) -> bool:
+  """True when a K (and tile) length suits the packed panels (multiples of
+  32, of 64 for int4)."""
+  q = 64 if int4 else 32
+  return k % q == 0 and (tile is None or tile % q == 0)
+
+
+def pack_u8_panels(w_nk, int4: bool = False) -> jax.Array:
+  """The VNNI GEMM form's weight panels, packed once: ``w_nk`` int8 ``[N,
+  K]`` (or int4 packed by :func:`pack_int4_nk` as ``uint8 [N, K/2]`` with
+  ``int4=True``) -> ``uint8 [ceil(N/64), 64 K]`` (per 64 output columns and
+  4-byte group of K: 64 columns x 4 values, ``w + 128``). Requires
+  :func:`panels_supported`; runs eagerly (outside jit)."""
+  if not panels_supported():
+    raise RuntimeError("VNNI panels need a CPU with AVX-512 VNNI")
+  w = jnp.asarray(w_nk)
+  n = w.shape[0]
+  k = w.shape[1] * 2 if int4 else w.shape[1]
+  out = jax.ShapeDtypeStruct(((n + 63) // 64, 64 * k), jnp.uint8)
+  return jax.ffi.ffi_call("qlite_pack_u8_panels", out)(
+      w, int4=np.int64(int(int4)))
+
+
+def int8_gemm_panels(a, panels, n: int, tiles: int = 1):
+  """``int32 [M, T, N]``: per K-tile sums of int8 ``a [M, K]`` times the
+  weight whose :func:`pack_u8_panels` are ``panels`` (exact, as
+  :func:`int8_dot_nk`), by the VNNI GEMM form without per-call packing."""
+  _module()
+  a = jnp.asarray(a).astype(jnp.int8)
+  m = a.shape[0]
+  out = jax.ShapeDtypeStruct((m, tiles, n), jnp.int32)
+  return jax.ffi.ffi_call("qlite_i8_gemm_panels", out,
+                          vmap_method="sequential")(
+      a, panels, tiles=np.int64(tiles))

@@ -518,6 +518,79 @@ ffi::Error I4Dot(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
   return DotImpl(pool, a, w, out, tiles, isa, true);
 }
 
+// Packs the weight's VNNI u8 panels once (AVX-512 VNNI only): w int8
+// [N, K] (int4 = 0) or packed int4 [N, K/2] (int4 = 1) -> u8 [ceil(N/64),
+// 64 K].
+ffi::Error PackPanels(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t int4) {
+  auto wd = w.dimensions();
+  auto od = out->dimensions();
+  if (wd.size() != 2 || od.size() != 2)
+    return ffi::Error::InvalidArgument("qlite pack: expected w[N,K]");
+  Problem p{};
+  p.n = wd[0];
+  p.k = int4 ? 2 * wd[1] : wd[1];
+  p.t = 1;
+  p.m = 0;
+  p.int4 = int4 != 0;
+  if (p.k % (p.int4 ? 64 : 32) || od[0] != (p.n + 63) / 64 ||
+      od[1] != 64 * p.k)
+    return ffi::Error::InvalidArgument("qlite pack: shape mismatch");
+#ifdef QLITE_X86
+  if (!HasVnni())
+#endif
+    return ffi::Error::InvalidArgument(
+        "qlite pack: VNNI panels need AVX-512 VNNI");
+#ifdef QLITE_X86
+  p.w = reinterpret_cast<const uint8_t*>(w.untyped_data());
+  vnni::PackAllU8Panels(p, reinterpret_cast<uint8_t*>(out->untyped_data()));
+  return ffi::Error::Success();
+#endif
+}
+
+// The VNNI GEMM form on panels packed once: a int8 [M, K] x panels (from
+// PackPanels for an [N, K] weight) -> int32 [M, T, N].
+ffi::Error GemmPanels(ffi::ThreadPool pool, ffi::AnyBuffer a,
+                      ffi::AnyBuffer panels, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t tiles) {
+  auto ad = a.dimensions();
+  auto pd = panels.dimensions();
+  auto od = out->dimensions();
+  if (ad.size() != 2 || pd.size() != 2 || od.size() != 3)
+    return ffi::Error::InvalidArgument("qlite gemm: expected a[M,K], panels");
+  if (a.element_type() != ffi::DataType::S8)
+    return ffi::Error::InvalidArgument("qlite gemm: activations must be s8");
+  Problem p{};
+  p.m = ad[0];
+  p.k = ad[1];
+  p.n = od[2];
+  p.t = tiles;
+  if (tiles < 1 || p.k % tiles || (p.k / tiles) % 32 || od[0] != p.m ||
+      od[1] != tiles || pd[0] != (p.n + 63) / 64 || pd[1] != 64 * p.k)
+    return ffi::Error::InvalidArgument("qlite gemm: shape mismatch");
+#ifdef QLITE_X86
+  if (!HasVnni())
+#endif
+    return ffi::Error::InvalidArgument(
+        "qlite gemm: VNNI panels need AVX-512 VNNI");
+#ifdef QLITE_X86
+  g_path_calls[4].fetch_add(1, std::memory_order_relaxed);
+  p.a8 = reinterpret_cast<const int8_t*>(a.untyped_data());
+  std::vector<int32_t> asum(p.m * p.t);
+  const int64_t tk = p.k / p.t;
+  for (int64_t i = 0; i < p.m * p.t; ++i) {
+    int32_t sum = 0;
+    for (int64_t kk = 0; kk < tk; ++kk) sum += p.a8[i * tk + kk];
+    asum[i] = sum;
+  }
+  p.asum = asum.data();
+  p.panels = reinterpret_cast<const uint8_t*>(panels.untyped_data());
+  p.out = reinterpret_cast<int32_t*>(out->untyped_data());
+  Run(p, 4, pool);
+  return ffi::Error::Success();
+#endif
+}
+
 }  // namespace
 }  // namespace qlite_kernels
 
@@ -538,6 +611,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI4DotNK, qlite_kernels::I4Dot,
                                   .Attr<int64_t>("tiles")
                                   .Attr<int64_t>("isa"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QlitePackU8Panels, qlite_kernels::PackPanels,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("int4"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QliteI8GemmPanels, qlite_kernels::GemmPanels,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("tiles"));
+
 // ------------------------------------------------------- Python module --
 // Adds {name: capsule} to d; false (with the Python error set) on failure.
 static bool AddCapsule(PyObject* d, const char* name, void* fn) {
@@ -552,7 +638,11 @@ static PyObject* Targets(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (d == nullptr) return nullptr;
   if (!AddCapsule(d, "qlite_i8_dot_nk", reinterpret_cast<void*>(&QliteI8DotNK)) ||
-      !AddCapsule(d, "qlite_i4_dot_nk", reinterpret_cast<void*>(&QliteI4DotNK))) {
+      !AddCapsule(d, "qlite_i4_dot_nk", reinterpret_cast<void*>(&QliteI4DotNK)) ||
+      !AddCapsule(d, "qlite_pack_u8_panels",
+                  reinterpret_cast<void*>(&QlitePackU8Panels)) ||
+      !AddCapsule(d, "qlite_i8_gemm_panels",
+                  reinterpret_cast<void*>(&QliteI8GemmPanels))) {
     Py_DECREF(d);
     return nullptr;
   }

@@ -20,6 +20,9 @@ struct Problem {
   const int8_t* a8;   // [M, K] int8 activations (GEMM form, NEON), or null
   const int32_t* asum;  // [M, T] sums of a8 per K tile (GEMM form)
   const uint8_t* w;   // [N, K] int8, or [N, K/2] packed int4
+  const uint8_t* panels;  // VNNI u8 panels packed once ([ceil(N/64), 64 K]
+                          // bytes, qlite_pack_u8_panels), or null: the GEMM
+                          // form then packs each panel per call
   int32_t* out;       // [M, T, N]
   int64_t m, k, n, t;
   bool int4;
