@@ -240,6 +240,9 @@ def main(argv=None):
   p.add_argument("--threads", default="1,2")
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--out", default=os.path.join(HERE, "RESULTS_lm.md"))
+  p.add_argument("--keep-dir", default=None,
+                 help="write the .tflite files here (default: a temporary "
+                 "directory, removed)")
   p.add_argument("--from-logs", default=None,
                  help="comma-separated stdout logs of earlier runs (same "
                  "--size): rebuild the table from their per-format JSON "
@@ -269,7 +272,9 @@ def main(argv=None):
   ref = _sub(["reference", a.size, prompt])
   print(f"JAX float reference: {ref['s']:.1f} s", flush=True)
   rows = {}
-  with tempfile.TemporaryDirectory() as d:
+  with tempfile.TemporaryDirectory() as tmp:
+    d = a.keep_dir or tmp
+    os.makedirs(d, exist_ok=True)
     for fmt in formats:
       path = os.path.join(d, f"{fmt}.tflite")
       full = fmt == "full_int8"

@@ -63,15 +63,25 @@ class LMRunner:
     import warnings
     from ai_edge_litert.interpreter import Interpreter
     from qlite.litert.runtime import _subgraph_io
+    import mmap
+    source = {}
     if isinstance(model, (str, os.PathLike)):
-      with open(model, "rb") as f:
-        model = f.read()
-    model = bytes(model)
+      # A file is memory-mapped by LiteRT (as on a phone): its weights are
+      # not copied into this process's heap.
+      try:
+        with open(model, "rb") as f:
+          model_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      except OSError as e:
+        raise QliteError(f"cannot read {model!r}: {e}") from None
+      source = {"model_path": os.fspath(model)}
+      model = model_map
+    else:
+      model = bytes(model)
+      source = {"model_content": model}
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       try:
-        self.interpreter = Interpreter(model_content=model,
-                                       num_threads=num_threads)
+        self.interpreter = Interpreter(num_threads=num_threads, **source)
       except (RuntimeError, ValueError) as e:
         raise QliteError(f"LiteRT cannot load the model: {e}") from None
     sigs = self.interpreter.get_signature_list()
@@ -96,6 +106,8 @@ class LMRunner:
                          f"(expected (tokens, position, *caches) -> "
                          f"(logits, *caches))")
       self._io[name] = (runner, in_names, out_names, di, do)
+    if isinstance(model, mmap.mmap):
+      model.close()
     del model
     self._prefill, self._decode = prefill, decode
     _, p_in, p_out, p_det, p_odet = self._io[prefill]
