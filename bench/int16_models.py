@@ -3,7 +3,7 @@ and a few zoo models: full-integer, LiteRT SQNR vs float on held-out rows,
 size, and the ceiling int8 weights put on any activation width (the float
 model with only its weights rounded to int8, in JAX).
 
-Models with an op LiteRT has no 16x8 kernel for (GELU, CONCATENATION,
+Models with an op LiteRT has no 16x8 kernel for (CONCATENATION,
 GATHER_ND: docs/litert_int16_ops.md) run mixed: the rules below keep those
 ops (or the op a pass-through gather reads) int8, the rest int16.
 
@@ -32,10 +32,8 @@ Rule = qlite.QuantizationRule
 EVAL_ROWS = 32
 # model -> int8 rules put before the int16 one (ops without a 16x8 kernel)
 MIXED = {
-    "transformer": [Rule(op_names=("aten.gelu.default",), act_qtype="int8")],
     "unet": [Rule(op_names=("concatenate",), act_qtype="int8"),
              Rule(module_path="bottleneck", act_qtype="int8")],
-    "mlp_mixer": [Rule(op_names=("aten.gelu.default",), act_qtype="int8")],
 }
 BENCH = ["digits_cnn", "mobilenet_v2", "resnet", "transformer", "unet"]
 ZOO = ["mlp_mixer", "squeeze_excite", "tcn"]
