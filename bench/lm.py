@@ -243,6 +243,10 @@ def main(argv=None):
   p.add_argument("--keep-dir", default=None,
                  help="write the .tflite files here (default: a temporary "
                  "directory, removed)")
+  p.add_argument("--scaling-log", default=None,
+                 help="with --from-logs: the log of a run at another "
+                 "--size; adds the measured scaling and a 1B / 2B "
+                 "extrapolation")
   p.add_argument("--from-logs", default=None,
                  help="comma-separated stdout logs of earlier runs (same "
                  "--size): rebuild the table from their per-format JSON "
@@ -259,11 +263,10 @@ def main(argv=None):
   if a.from_logs:
     rows = {}
     for log in a.from_logs.split(","):
-      for line in open(log):
-        head, _, rest = line.partition(" ")
-        if rest.startswith("{") and head in FORMATS + ("full_int8",):
-          rows[head] = json.loads(rest)
+      rows.update(_rows_from_log(log))
     md = _table(cfg, a, rows, threads, None)
+    if a.scaling_log:
+      md += _scaling(rows, _rows_from_log(a.scaling_log), threads[0])
     print(md)
     with open(a.out, "w") as f:
       f.write(md)
@@ -302,6 +305,73 @@ def main(argv=None):
   with open(a.out, "w") as f:
     f.write(md)
   print(f"wrote {a.out}")
+
+
+def _rows_from_log(path: str) -> dict:
+  rows = {}
+  for line in open(path):
+    head, _, rest = line.partition(" ")
+    if rest.startswith("{") and head in FORMATS + ("full_int8",):
+      rows[head] = json.loads(rest)
+  return rows
+
+
+def _scaling(big: dict, small: dict, t: int) -> str:
+  """Linear fits in the float weight bytes W between two measured sizes,
+  extrapolated to 1B and 2B parameters of the same architecture."""
+  fb, fs = big["float"], small["float"]
+  wb, ws = fb["bytes"] / 2**20, fs["bytes"] / 2**20
+  pb, ps = fb["params"], fs["params"]
+
+  def fit(key, rows_b=fb, rows_s=fs):
+    slope = (rows_b[key] - rows_s[key]) / (wb - ws)
+    return slope, rows_b[key] - slope * wb
+
+  lines = ["", "## Scaling and a phone-size (1-2B) extrapolation", "",
+           f"Measured at two sizes ({ps / 1e6:.1f}M and {pb / 1e6:.1f}M "
+           f"parameters, `--size small` and `--size bench`); each figure "
+           f"below is a straight line through the two, in the float weight "
+           f"bytes W (4 bytes a parameter), extrapolated along the same "
+           f"architecture.", "",
+           "| figure | small | bench | per MiB of W | 1B params | 2B params |",
+           "|---|---|---|---|---|---|"]
+  targets = (1e9, 2e9)
+  wt = [p * 4 / 2**20 for p in targets]
+
+  def row(name, key, rows_b=fb, rows_s=fs, unit="", scale=1.0):
+    slope, icpt = fit(key, rows_b, rows_s)
+    vals = [(icpt + slope * w) * scale for w in wt]
+    lines.append(f"| {name} | {rows_s[key] * scale:.1f}{unit} | "
+                 f"{rows_b[key] * scale:.1f}{unit} | {slope * scale:.3f}"
+                 f"{unit} | {vals[0]:.0f}{unit} | {vals[1]:.0f}{unit} |")
+  row("float export, peak RSS", "export_peak_mb", unit=" MB")
+  row("float export, time", "export_s", unit=" s")
+  for fmt in ("int8_dynamic", "int4_block32"):
+    if fmt in big and fmt in small:
+      row(f"{fmt} export, peak RSS", "export_peak_mb", big[fmt], small[fmt],
+          unit=" MB")
+      b1 = big[fmt].get(t) or big[fmt].get(str(t))
+      s1 = small[fmt].get(t) or small[fmt].get(str(t))
+      if b1 and s1:
+        row(f"{fmt} generating, peak RSS", "run_peak_mb", b1, s1,
+            unit=" MB")
+        # decode time per token ~ linear in the weight bytes read
+        inv_b, inv_s = 1e3 / b1["decode_tok_s_cpu"], \
+            1e3 / s1["decode_tok_s_cpu"]
+        slope = (inv_b - inv_s) / (wb - ws)
+        ms = [inv_b + slope * (w - wb) for w in wt]
+        lines.append(f"| {fmt} decode ms/token (1 thread, CPU time) | "
+                     f"{inv_s:.2f} | {inv_b:.2f} | {slope:.4f} | "
+                     f"{ms[0]:.0f} ({1e3 / ms[0]:.1f} tok/s) | {ms[1]:.0f} "
+                     f"({1e3 / ms[1]:.1f} tok/s) |")
+  size = {f: big[f]["bytes"] / fb["bytes"] for f in big if "bytes" in big[f]}
+  gib = lambda f, n: size[f] * n * 4 / 2**30
+  lines += ["", "File size at 1B / 2B parameters (the measured size "
+            "ratios times 4 bytes a parameter): " + ", ".join(
+                f"{f} {gib(f, 1e9):.2f} / {gib(f, 2e9):.2f} GiB"
+                for f in ("float", "int8", "int8_dynamic", "int4_block32")
+                if f in size) + ".", ""]
+  return "\n".join(lines) + "\n"
 
 
 def _table(cfg, a, rows, threads, ref) -> str:
