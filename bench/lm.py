@@ -307,6 +307,33 @@ def main(argv=None):
   print(f"wrote {a.out}")
 
 
+NOTES = """
+## Weight formats on this stack (litert-converter 0.5.0, ai-edge-litert 2.3.0, ai-edge-quantizer 0.10.0)
+
+| format | what the file holds | LiteRT kernels (XNNPACK, CPU) | verified by |
+|---|---|---|---|
+| float | float32 weights | FULLY_CONNECTED, BATCH_MATMUL, EMBEDDING_LOOKUP f32 | decode with the cache = JAX full-sequence logits (<= 1e-4 relative; tests/test_lm_export.py, Linen and NNX) |
+| int8 | int8 per-channel weights + DEQUANTIZE | dequantized to float32 at load: float compute, float RAM | greedy agreement >= 90 % of 32 tokens (test) |
+| int8_dynamic | int8 per-channel weights, hybrid FULLY_CONNECTED / EMBEDDING_LOOKUP | activations quantized per call (dynamic range) | greedy agreement >= 90 % (test) |
+| int4 | int4 per-channel weights + DEQUANTIZE | dequantized at load; slower than float here | runs, INT4 tensors, agreement measured (test) |
+| int4_dynamic | int4 per-channel weights, hybrid kernels | dynamic range | same |
+| int4_block32 / 64 / 128 | int4 weights, one scale per block of 32 / 64 / 128 inputs | dynamic range (blockwise) | same; 128 needs d_model % 128 == 0 |
+| full_int8 | qlite's own full-integer export (static int8 activations) of the full-sequence forward | int8 end to end | full_integer, agreement (slow test); no cache (one function) |
+
+Not available: blockwise weight-only (the quantizer's blockwise weight-only
+recipe returns the model unchanged, measured); int8 / int4 for the
+multi-signature cached model with static int8 activations (qlite's
+full-integer path exports one function; 16x8 is another issue's work).
+The embedding lookup is an `odml.embedding_lookup` composite so that the
+tied embedding is one buffer shared by EMBEDDING_LOOKUP and the output
+FULLY_CONNECTED, quantized once (a plain `jnp.take` became GATHER_ND, whose
+table stayed float32 and was duplicated per signature after quantization).
+The agreement on these random-weight models is an easy case (their logits
+are peaked); the trained character LM of `examples/lm_export.py` is the
+harder one (below).
+"""
+
+
 def _rows_from_log(path: str) -> dict:
   rows = {}
   for line in open(path):
@@ -433,8 +460,9 @@ def _table(cfg, a, rows, threads, ref) -> str:
             f"{rows.get('float', {}).get('rss_before_mb', float('nan')):.0f}"
             " MB before the export call for float). Gen peak MB: peak RSS "
             "of a LiteRT-only process loading the file and running "
-            "prefill + decode (1 thread).", ""]
-  return "\n".join(lines) + "\n"
+            "prefill + decode (1 thread); full_int8's is one full "
+            "forward (logits at all 128 positions, no cache).", ""]
+  return "\n".join(lines) + "\n" + NOTES
 
 
 if __name__ == "__main__":
