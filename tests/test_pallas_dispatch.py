@@ -132,6 +132,29 @@ def test_bf16_activations_use_the_in_kernel_dequant(monkeypatch, wq):
                              atol=1e-4 * scale)
 
 
+def test_two_contracting_dims_merge_into_k(monkeypatch):
+  """An attention output projection: x [B, L, H, Dh] . w [H, Dh, D]."""
+  monkeypatch.setenv("QLITE_PALLAS", "interpret")
+  rng = np.random.default_rng(6)
+  w = rng.standard_normal((2, 128, 256)).astype(np.float32)
+  x = rng.standard_normal((2, 3, 2, 128)).astype(np.float32)
+  dn = (((2, 3), (0, 1)), ((), ()))
+  qw = quantize(w, "int4", channel_axes=(2,), narrow_range=True)
+  p = pallas_lib.plan(qw, dn, x.shape, x.dtype, 1, "drq", "int8")
+  assert p is not None and p.packed
+  pw = pallas_lib.pack(qw, dn, x.ndim, 1, p)
+  assert pw.data.shape == (128, 256)             # K = 2 * 128, packed
+  np.testing.assert_array_equal(
+      np.asarray(pw.to_qarray().qvalue).astype(np.int8),
+      np.asarray(qw.qvalue).astype(np.int8))
+  got = pallas_lib.quantized_dot(jnp.asarray(x), pw, dn, 1, mode="drq",
+                                 act_qtype="int8")
+  ref = xmm.quantized_dot(jnp.asarray(x), qw, dn, 1, mode="drq",
+                          act_qtype="int8")
+  assert got.shape == (2, 3, 256)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
 @pytest.mark.parametrize("mode", [
     pytest.param("weight_only", marks=pytest.mark.slow), "drq"])
 def test_weight_first_dot_with_free_activation_dims(monkeypatch, mode):

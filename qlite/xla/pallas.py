@@ -28,8 +28,9 @@ interpret mode on any backend (CI on CPU); ``off`` never. On a device, each
 kernel configuration is first compiled, run and compared with its XLA twin
 once (:func:`probe`); one that fails stays on XLA with a warning.
 
-Eligible dots: no dot batch dims, an int8 / int4 symmetric weight of one
-contracting dim, int8-or-narrower activations, N a multiple of 128, K (or
+Eligible dots: no dot batch dims, an int8 / int4 symmetric weight (several
+contracting dims are merged into K, e.g. an attention output projection
+``[H, Dh, D]``; with K tiles only one), int8-or-narrower activations, N a multiple of 128, K (or
 the K tile) a power-of-two multiple of 128 (256 for int4) -- the blocks of
 :func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over more than
 one device stays on XLA's SPMD path (a kernel runs on one device's data).
@@ -170,12 +171,12 @@ def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
     return None
   lay = xmm.dot_layout(dimension_numbers, len(x_shape), qw.ndim,
                        weight_operand)
-  if lay.x_batch or lay.w_batch or len(lay.w_contract) != 1:
+  tiles = dict(qw.tile_sizes)
+  if lay.x_batch or lay.w_batch or (tiles and len(lay.w_contract) != 1):
     return None
   m = math.prod(x_shape[d] for d in lay.x_free)
-  k = qw.shape[lay.w_contract[0]]
+  k = math.prod(qw.shape[d] for d in lay.w_contract)   # contract dims merged
   n = math.prod(qw.shape[d] for d in lay.w_free)
-  tiles = dict(qw.tile_sizes)
   tile = tiles.get(lay.w_contract[0])
   packed = np.dtype(qv.dtype) == _INT4
   float_x = np.dtype(x_dtype) in (np.dtype(jnp.bfloat16),
@@ -249,7 +250,8 @@ def pack(qw: QArray, dimension_numbers, x_ndim: int, weight_operand: int,
   lay = xmm.dot_layout(dimension_numbers, x_ndim, qw.ndim, weight_operand)
   w = jnp.asarray(qw.qvalue).astype(jnp.int8)
   perm = lay.w_contract + lay.w_free
-  w = jnp.transpose(w, perm).reshape(qw.shape[perm[0]], -1)        # [K, N]
+  k = math.prod(qw.shape[d] for d in lay.w_contract)
+  w = jnp.transpose(w, perm).reshape(k, -1)                        # [K, N]
   k, n = w.shape
   s = jnp.asarray(qw.scale, jnp.float32)
   ws = jnp.transpose(s, perm).reshape(-1, n)                       # [T, N]
