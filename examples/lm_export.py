@@ -99,8 +99,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--out-dir", default="lm_out")
-  p.add_argument("--formats", default=",".join(
-      f for f in FORMATS if f != "int4_block128"))   # d 128: one block
+  p.add_argument("--formats", default=",".join(FORMATS))
   a = p.parse_args(argv)
   os.makedirs(a.out_dir, exist_ok=True)
   print(f"training {CFG.param_count() / 1e3:.0f}K-parameter char LM on the "
