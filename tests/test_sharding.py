@@ -288,21 +288,46 @@ if WORKER:
         np.testing.assert_array_equal(np.asarray(v), np.asarray(u))
 
   @inner
-  def test_inner_pallas_interpret_leaves_sharded_weights_to_xla(
-      setup, monkeypatch):
-    mesh, model, variables, x = setup
+  def test_inner_pallas_on_weights_sharded_along_n(setup, monkeypatch):
+    """Interpret mode: a weight sharded along its output channels runs the
+    kernel per device under shard_map (identical DRQ outputs, N stays
+    sharded); sharded along K it stays on XLA's SPMD path."""
+    mesh = setup[0]
     from qlite.xla import pallas as pallas_lib
-    monkeypatch.setenv("QLITE_PALLAS", "interpret")
+
+    class MLP(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(512)(nn.relu(nn.Dense(512)(x)))
+
+    model = MLP()
+    x = np.random.default_rng(3).standard_normal((8, 256)).astype(
+        np.float32)
+    variables = model.init(jax.random.key(1), x)
     rules = qrules(a="int8", static=False)
-    w = jnp.asarray(np.random.default_rng(2).standard_normal(
-        (256, 256)).astype(np.float32))
-    q = qlite.core.quantize(w, "int8", channel_axes=(1,), narrow_range=True)
-    dn = (((1,), (0,)), ((), ()))
-    assert pallas_lib.plan(q, dn, (8, 256), np.float32, 1, "drq",
-                           "int8") is not None
-    qsh = qs.shard_qarray(q, NamedSharding(mesh, P("data", "model")))
-    assert pallas_lib.plan(qsh, dn, (8, 256), np.float32, 1, "drq",
-                           "int8") is None
+    monkeypatch.setenv("QLITE_PALLAS", "off")
+    ref = np.asarray(xla.quantize_model(model, xla.PtqProvider(rules),
+                                        variables=variables).apply(
+                                            variables, x))
+    monkeypatch.setenv("QLITE_PALLAS", "interpret")
+    for layout, n_pallas in [([(r"kernel$", P(None, "model"))], 2),
+                             ([(r"kernel$", P("data", None))], 0)]:
+      sharded = qs.shard_params(variables, mesh, layout)
+      qm = xla.quantize_model(model, xla.PtqProvider(rules),
+                              variables=variables)
+      graph, state = qm.traced((x,))
+      flat = qm.provider.prepare_flat_params(
+          graph, state, jax.tree.leaves(sharded))
+      pws = [p for p in flat if isinstance(p, pallas_lib.PallasWeight)]
+      assert len(pws) == n_pallas, layout
+      for pw in pws:
+        assert pw.plan.axis == "model" and pw.plan.block_n == 128
+        assert tuple(pw.data.sharding.spec) == (None, "model")
+        assert tuple(pw.wscale.sharding.spec) == (None, "model")
+      y = qm.apply(sharded, x)
+      np.testing.assert_array_equal(np.asarray(y), ref)
+      if n_pallas:
+        assert tuple(y.sharding.spec)[-1:] == ("model",)
 
   @inner
   def test_inner_bad_layouts_are_named(setup):

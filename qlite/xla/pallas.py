@@ -32,8 +32,11 @@ Eligible dots: no dot batch dims, an int8 / int4 symmetric weight (several
 contracting dims are merged into K, e.g. an attention output projection
 ``[H, Dh, D]``; with K tiles only one), int8-or-narrower activations, N a multiple of 128, K (or
 the K tile) a power-of-two multiple of 128 (256 for int4) -- the blocks of
-:func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over more than
-one device stays on XLA's SPMD path (a kernel runs on one device's data).
+:func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over a mesh along
+its output channels (its leading non-contracting dim) runs the kernel on
+each device's block of N under ``shard_map`` (all activation rows on every
+device: decode-sized M); sharded along K or several dims, it stays on XLA's
+SPMD path.
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ import numpy as np
 from qlite.core import numerics
 from qlite.core import qtypes as qt_lib
 from qlite.core.qarray import QArray
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from qlite.kernels import matmul as kmm
 from qlite.xla import matmul as xmm
+from qlite.xla import sharding as sharding_lib
 
 __all__ = ["PallasWeight", "plan", "pack", "quantized_dot", "probe",
            "THRESHOLDS", "thresholds"]
@@ -85,13 +91,17 @@ def thresholds(backend: str) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """A dot's Pallas configuration: ``kernel`` (``"w8a8"`` or
-  ``"weight_only"``), blocks, ``packed`` (int4) and ``interpret``."""
+  ``"weight_only"``), blocks, ``packed`` (int4), ``interpret``, and for a
+  weight sharded along its output channels the ``mesh`` and mesh ``axis``
+  (the kernel then runs per device under ``shard_map``)."""
   kernel: str
   block_m: int
   block_n: int
   block_k: int
   packed: bool
   interpret: bool
+  mesh: Any = None
+  axis: Any = None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -153,6 +163,25 @@ def _sharded(a) -> bool:
       len(s.device_set) > 1
 
 
+def _n_axis(qv, lay) -> tuple | None:
+  """``(mesh, axis, devices)`` when ``qv`` is sharded over its leading free
+  (output-channel) dim only -- each device then holds a contiguous block of
+  N -- else None. ``()`` when not sharded."""
+  if not _sharded(qv):
+    return ()
+  s = qv.sharding
+  if not isinstance(s, NamedSharding):
+    return None
+  spec = tuple(s.spec) + (None,) * (len(qv.shape) - len(s.spec))
+  used = [d for d, e in enumerate(spec) if e is not None]
+  if used != [lay.w_free[0]]:
+    return None
+  axis = spec[used[0]]
+  names = axis if isinstance(axis, tuple) else (axis,)
+  size = math.prod(s.mesh.shape[a] for a in names)
+  return sharding_lib.auto_mesh(s.mesh), axis, size
+
+
 def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
          mode: str, act_qtype) -> Plan | None:
   """Returns the :class:`Plan` for this dot, or None (XLA path): see the
@@ -167,10 +196,15 @@ def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
   if not xmm.int_path_ok(qw, act_qtype if mode != "weight_only" else None):
     return None
   qv = qw.qvalue
-  if np.dtype(qv.dtype) not in (_INT4, np.dtype(np.int8)) or _sharded(qv):
+  if np.dtype(qv.dtype) not in (_INT4, np.dtype(np.int8)):
     return None
   lay = xmm.dot_layout(dimension_numbers, len(x_shape), qw.ndim,
                        weight_operand)
+  if not lay.w_free:
+    return None
+  shard = _n_axis(qv, lay)
+  if shard is None:          # sharded along K or several dims: XLA's SPMD
+    return None
   tiles = dict(qw.tile_sizes)
   if lay.x_batch or lay.w_batch or (tiles and len(lay.w_contract) != 1):
     return None
@@ -188,12 +222,16 @@ def plan(qw, dimension_numbers, x_shape, x_dtype, weight_operand: int,
     if m > t["max_m"] or k * n < t["min_weight"]:
       return None
   min_bm = 32 if backend == "tpu" else 16     # int8 sublane tile on TPU
-  blocks = kmm.gpu_blocks(rows, k, n, tile=tile, packed=packed,
+  n_dev = n // shard[2] if shard else n             # per device
+  blocks = kmm.gpu_blocks(rows, k, n_dev, tile=tile, packed=packed,
                           min_block_m=min_bm)
-  if blocks is None:
+  if blocks is None or (shard and n % shard[2]):
     return None
-  p = Plan(kernel, *blocks, packed, pm == "interpret")
-  if not p.interpret and not probe(p, rows, k, n, tile, mode == "srq"):
+  p = Plan(kernel, *blocks, packed, pm == "interpret",
+           *(shard[:2] if shard else ()))
+  if not p.interpret and not probe(dataclasses.replace(p, mesh=None,
+                                                       axis=None),
+                                   rows, k, n_dev, tile, mode == "srq"):
     return None
   return p
 
@@ -258,6 +296,9 @@ def pack(qw: QArray, dimension_numbers, x_ndim: int, weight_operand: int,
   t = ws.shape[0]
   wsum = jnp.sum(w.astype(jnp.int32).reshape(t, k // t, n), axis=1)
   data = kmm.pack_int4_kn(w, p.block_k) if p.packed else w
+  if p.mesh is not None:                 # N blocks stay on their devices
+    ns = NamedSharding(p.mesh, P(None, p.axis))
+    data, ws, wsum = (jax.device_put(a, ns) for a in (data, ws, wsum))
   data, ws, wsum = jax.block_until_ready(
       (jnp.array(data, copy=True), ws, wsum))
   return PallasWeight(data, ws, wsum, qw.scale, lay, p, qw.shape, qw.qtype,
@@ -281,23 +322,34 @@ def quantized_dot(x, pw: PallasWeight, dimension_numbers, weight_operand: int,
             impl=impl, packed=p.packed)
   x2 = xmm._canonical_x(x, lay)[0]                               # [M, K]
   m = x2.shape[0]
+  zp = jnp.int32(0)
   if p.kernel == "weight_only":
-    y = kmm.weight_only_matmul(x2, pw.data, pw.wscale, **kw)
-  elif mode == "weight_only":        # two int8 digits per float32 row
-    digits, s1, s2 = xmm.split_activation(x2[None].astype(jnp.float32))
-    ys = kmm.w8a8_matmul(digits[0], pw.data,
-                         jnp.concatenate([s1[0], s2[0]], axis=0),
-                         pw.wscale, **kw)
-    y = ys[:m] + ys[m:]
-  elif mode == "drq":
-    a, s = xmm._per_row_codes(x2.astype(jnp.float32), 127.0)
-    y = kmm.w8a8_matmul(a.astype(jnp.int8), pw.data, s, pw.wscale, **kw)
-  else:                                                          # srq
-    scale, zp, qtype = act_scale
-    q = numerics.quantize_values(x2.astype(jnp.float32), jnp.float32(scale),
-                                 jnp.int32(zp), qt_lib.get_qtype(qtype))
-    xs = jnp.full((m, 1), scale, jnp.float32)
-    y = kmm.w8a8_matmul(q.astype(jnp.int8), pw.data, xs, pw.wscale,
-                        jnp.int32(zp) * pw.wsum, **kw)
+    def kernel(xin, xs, zp, data, ws, wsum):
+      return kmm.weight_only_matmul(xin, data, ws, **kw)
+    xin, xs = x2, jnp.zeros((m, 1), jnp.float32)
+  else:
+    def kernel(xin, xs, zp, data, ws, wsum):
+      zw = zp * wsum if mode == "srq" else None
+      return kmm.w8a8_matmul(xin, data, xs, ws, zw, **kw)
+    if mode == "weight_only":        # two int8 digits per float32 row
+      digits, s1, s2 = xmm.split_activation(x2[None].astype(jnp.float32))
+      xin, xs = digits[0], jnp.concatenate([s1[0], s2[0]], axis=0)
+    elif mode == "drq":
+      a, xs = xmm._per_row_codes(x2.astype(jnp.float32), 127.0)
+      xin = a.astype(jnp.int8)
+    else:                                                        # srq
+      scale, zp, qtype = act_scale
+      xin = numerics.quantize_values(
+          x2.astype(jnp.float32), jnp.float32(scale), jnp.int32(zp),
+          qt_lib.get_qtype(qtype)).astype(jnp.int8)
+      xs, zp = jnp.full((m, 1), scale, jnp.float32), jnp.int32(zp)
+  if p.mesh is not None:     # each device: all rows x its block of N
+    w_spec = P(None, p.axis)
+    kernel = jax.shard_map(kernel, mesh=p.mesh,
+                           in_specs=(P(), P(), P(), w_spec, w_spec, w_spec),
+                           out_specs=w_spec, check_vma=False)
+  y = kernel(xin, xs, zp, pw.data, pw.wscale, pw.wsum)
+  if p.kernel == "w8a8" and mode == "weight_only":
+    y = y[:m] + y[m:]
   return xmm._restore_output(y[None], x.shape, pw.shape, lay).astype(
       out_dtype)
