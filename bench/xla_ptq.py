@@ -429,7 +429,9 @@ def crossover(reps, ms=CROSS_M, repeats=1):
   rng = np.random.default_rng(0)
   modes = {"w8": dict(mode="weight_only"),
            "DRQ": dict(mode="drq", act_qtype="int8"),
-           "w4": dict(mode="weight_only")}
+           "w4": dict(mode="weight_only"),
+           # DRQ on VNNI GEMM panels packed once (vnni family only)
+           "DRQ panels": dict(mode="drq", act_qtype="int8")}
   fams = [f for l, f in _families() if f is not None]
   out = {}
   for (k, n) in CROSS_SHAPES:
@@ -438,12 +440,19 @@ def crossover(reps, ms=CROSS_M, repeats=1):
     for wq in ("int8", "int4"):
       qw = quantize(wf, wq, channel_axes=(1,), narrow_range=True)
       packed[wq] = xla.matmul.pack_weight(qw, dn, 2, 1)
+    with cpu_kernels.use_isa("vnni" if "vnni" in fams else None):
+      packed["panels"] = xla.matmul.pack_weight(
+          quantize(wf, "int8", channel_axes=(1,), narrow_range=True), dn, 2,
+          1, act_int8=True)
     for m in ms:
       x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
       fns = {}
       for mode, kw in modes.items():
-        w = packed["int4" if mode == "w4" else "int8"]
+        w = packed["int4" if mode == "w4" else "panels" if
+                   mode == "DRQ panels" else "int8"]
         for fam in [None] + fams:
+          if mode == "DRQ panels" and fam not in (None, "vnni"):
+            continue
           f = jax.jit(lambda x, w, kw=kw: xla.quantized_dot(x, w, dn, 1,
                                                             **kw))
           with cpu_kernels.use_isa(fam), _kernel_always():

@@ -100,17 +100,17 @@ _ENV_FAMILY = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avxvnni",
 KERNEL_MAX_ROWS = {
     "scalar": {("int16", "int8"): 0, ("int16", "int4"): 0,
                ("int8", "int8"): 0, ("int8", "int4"): 0},
-    "avx2": {("int16", "int8"): 8, ("int16", "int4"): 4,
+    "avx2": {("int16", "int8"): 16, ("int16", "int4"): 4,
              ("int8", "int8"): 1, ("int8", "int4"): 1},
-    "avxvnni": {("int16", "int8"): 4, ("int16", "int4"): 4,
+    "avxvnni": {("int16", "int8"): 16, ("int16", "int4"): 16,
                 ("int8", "int8"): 1, ("int8", "int4"): 1},
-    "avx512bw": {("int16", "int8"): 8, ("int16", "int4"): 4,
+    "avx512bw": {("int16", "int8"): 64, ("int16", "int4"): 64,
                  ("int8", "int8"): 4, ("int8", "int4"): 4},
     "vnni": {("int16", "int8"): MAX_M, ("int16", "int4"): MAX_M,
              ("int8", "int8"): 8, ("int8", "int4"): 8,
              # GEMM form on panels packed once (PackedWeight.panels), from
              # GEMM_MIN_ROWS_INT8 rows
-             ("int8", "panels"): 64},
+             ("int8", "panels"): 16},
     "neon": {("int16", "int8"): 4, ("int16", "int4"): 4,
              ("int8", "int8"): 1, ("int8", "int4"): 1},
 }
@@ -282,10 +282,12 @@ def info() -> dict:
           "(docs/xla_cpu_paths.md)"))
   out["paths"] = paths
   lim = KERNEL_MAX_ROWS.get(fam or "", {}).get(("int8", "panels"), 0)
+  rows = (f"{GEMM_MIN_ROWS_INT8} rows" if lim == GEMM_MIN_ROWS_INT8 else
+          f"{GEMM_MIN_ROWS_INT8}-{lim} rows")
   out["panels"] = (
       f"w8a8 weights get VNNI GEMM panels packed once "
-      f"(PackedWeight.panels); the GEMM form reads them for "
-      f"{GEMM_MIN_ROWS_INT8}-{lim} rows" if fam == "vnni" and lim else None)
+      f"(PackedWeight.panels); the GEMM form reads them at {rows}"
+      if fam == "vnni" and lim >= GEMM_MIN_ROWS_INT8 else None)
   return out
 
 
