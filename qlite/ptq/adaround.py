@@ -25,6 +25,7 @@ import numpy as np
 from qlite.ptq import _graph, _weights
 
 GAMMA, ZETA = -0.1, 1.1
+WARMUP = 0.2       # fraction of the steps without the regulariser
 
 
 def _h(v):
@@ -49,7 +50,7 @@ def _fit(layer, x, y, w, s, qmax, iters: int, lr: float, reg: float):
       return rec + on * reg * jnp.mean(1.0 - jnp.abs(2 * h - 1) ** beta)
 
     grad = jax.grad(loss)
-    warm = iters // 5
+    warm = int(iters * WARMUP)
 
     def step(i, st):
       v, m, u = st
