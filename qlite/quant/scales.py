@@ -13,6 +13,11 @@ from qlite.ops import softmax
 from qlite.errors import CalibrationError
 
 ZERO_RANGE_WIDTH = 1e-6
+# Calibrated int16 (16x8) ranges are widened this many times: 2x costs 6 dB
+# of the ~96 dB int16 resolution and stops held-out values just past the
+# calibrated extremes from clipping (the zoo transformer's LayerNorm terms
+# and logits: 31.1 -> see bench/RESULTS_int16.md).
+INT16_RANGE_MARGIN = 2.0
 
 
 def _own_range(b, stats: QuantStats | None) -> tuple[float, float]:
@@ -81,6 +86,10 @@ def boundary_scale(b, stats: QuantStats | None):
   if symmetric_acts(qt) and b.fixed_range is not None and \
       b.fixed_range == softmax.FIXED_RANGES.get(b.op):
     lo, hi = softmax.FIXED_RANGES_INT16[b.op]   # LiteRT's 16x8 output scale
+  elif symmetric_acts(qt) and b.calibrated:
+    # int16 has 256x the levels of int8: a wider range costs little
+    # resolution and keeps values past the calibrated extremes unclipped
+    lo, hi = lo * INT16_RANGE_MARGIN, hi * INT16_RANGE_MARGIN
   if hi - lo < ZERO_RANGE_WIDTH:
     # A constant tensor (e.g. a dead relu): any scale represents it exactly,
     # but a tiny one makes the next layer's int32 bias (bias / (input scale *
