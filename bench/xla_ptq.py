@@ -512,6 +512,8 @@ def main():
     ms = tuple(int(v) for v in args.m.split(","))
     text = render_crossover(crossover(args.reps, ms, args.repeats), ms)
     print(text)
+    with open(out.replace(".md", "_crossover.md"), "w") as f:
+      f.write(text)
     return
   results = {
       "MLP 768 -> 3 x 1536 -> 256": bench_isa(
