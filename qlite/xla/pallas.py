@@ -30,9 +30,9 @@ once (:func:`probe`); one that fails stays on XLA with a warning.
 
 Eligible dots: no dot batch dims, an int8 / int4 symmetric weight (several
 contracting dims are merged into K, e.g. an attention output projection
-``[H, Dh, D]``; with K tiles only one), int8-or-narrower activations, N a multiple of 128, K (or
-the K tile) a power-of-two multiple of 128 (256 for int4) -- the blocks of
-:func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over a mesh along
+``[H, Dh, D]``; with K tiles only one), int8-or-narrower activations, N a
+multiple of 128, K (or the K tile) a power-of-two multiple of 128 (256 for
+int4) -- the blocks of :func:`qlite.kernels.matmul.gpu_blocks`. A weight sharded over a mesh along
 its output channels (its leading non-contracting dim) runs the kernel on
 each device's block of N under ``shard_map`` (all activation rows on every
 device: decode-sized M); sharded along K or several dims, it stays on XLA's
