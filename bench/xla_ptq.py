@@ -420,7 +420,7 @@ CROSS_SHAPES = [(1536, 1536), (768, 3072)]
 CROSS_M = (1, 4, 16, 64, 512)
 
 
-def crossover(reps, ms=CROSS_M, repeats=1):
+def crossover(reps, ms=CROSS_M, repeats=1, only=None):
   """Per family, dot kind and shape: kernel time / XLA time at each M
   (< 1: the kernel wins), ``repeats`` times. Returns {(fam, mode, shape):
   {m: [ratio per repeat]}}."""
@@ -432,7 +432,8 @@ def crossover(reps, ms=CROSS_M, repeats=1):
            "w4": dict(mode="weight_only"),
            # DRQ on VNNI GEMM panels packed once (vnni family only)
            "DRQ panels": dict(mode="drq", act_qtype="int8")}
-  fams = [f for l, f in _families() if f is not None]
+  fams = [f for l, f in _families() if f is not None and
+          (only is None or f in only)]
   out = {}
   for (k, n) in CROSS_SHAPES:
     wf = rng.standard_normal((k, n)).astype(np.float32)
@@ -504,16 +505,20 @@ def main():
   ap.add_argument("--crossover", action="store_true")
   ap.add_argument("--m", default=",".join(str(m) for m in CROSS_M),
                   help="row counts for --crossover (comma-separated)")
+  ap.add_argument("--families", default=None,
+                  help="--crossover: only these families (comma-separated)")
   ap.add_argument("--all", action="store_true")
   args = ap.parse_args()
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                      "RESULTS_xla.md")
   if args.crossover:
     ms = tuple(int(v) for v in args.m.split(","))
-    text = render_crossover(crossover(args.reps, ms, args.repeats), ms)
+    only = args.families.split(",") if args.families else None
+    text = render_crossover(crossover(args.reps, ms, args.repeats, only), ms)
     print(text)
-    with open(out.replace(".md", "_crossover.md"), "w") as f:
-      f.write(text)
+    if only is None:
+      with open(out.replace(".md", "_crossover.md"), "w") as f:
+        f.write(text)
     return
   results = {
       "MLP 768 -> 3 x 1536 -> 256": bench_isa(

@@ -202,7 +202,8 @@ def test_cpu_kernel_isa_variants_exact(isa):
 # The path each family takes for int8 / int16 activations on the
 # _KERNEL_CASES shapes (the VNNI family picks its sub-path per case).
 _FAMILY_PATHS = {
-    "scalar": {"scalar"}, "avx2": {"avx2"}, "avxvnni": {"avxvnni"},
+    "scalar": {"scalar"}, "avx2": {"avx2"},
+    "avxvnni": {"avxvnni", "avxvnni_u8"},
     "avx512bw": {"bw"}, "vnni": {"vnni16", "vnni_u8", "gemm"},
     "neon": {"neon", "neon_dotprod", "neon_i8mm"},
 }

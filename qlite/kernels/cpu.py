@@ -74,9 +74,10 @@ FAMILIES = ("scalar", "avx2", "avxvnni", "avx512bw", "vnni", "neon")
 # AVX-512BW int16 dot; AVX-512 VNNI int16 dot (vpdpwssd); VNNI u8 x s8 dot
 # (vpdpbusd, int8 activations); VNNI GEMM form (packed weight panels); AVX2
 # int16 dot (vpmaddwd); AVX-VNNI int16 dot (ymm vpdpwssd); NEON (vmlal /
-# vmull + vpadal); NEON sdot; NEON smmla (i8mm).
+# vmull + vpadal); NEON sdot; NEON smmla (i8mm); AVX-VNNI u8 x s8 dot
+# (ymm vpdpbusd, int8 activations from 2 rows, int8 weights).
 ISA_NAMES = ("scalar", "bw", "vnni16", "vnni_u8", "gemm", "avx2", "avxvnni",
-             "neon", "neon_dotprod", "neon_i8mm")
+             "neon", "neon_dotprod", "neon_i8mm", "avxvnni_u8")
 
 # QLITE_CPU_KERNELS_ISA values -> family ("off": kernels off).
 _ENV_FAMILY = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avxvnni",

@@ -245,7 +245,9 @@ namespace avx2 {
 #define QLITE_TGT __attribute__((target("avx2")))
 #define QLITE_MADD(acc, x, w) \
   _mm256_add_epi32(acc, _mm256_madd_epi16(x, w))
+#define QLITE_AVX2_U8 0
 #include "cpu_kernels_avx2.inc"
+#undef QLITE_AVX2_U8
 #undef QLITE_TGT
 #undef QLITE_MADD
 }  // namespace avx2
@@ -253,7 +255,9 @@ namespace avx2 {
 namespace avxvnni {
 #define QLITE_TGT __attribute__((target("avx2,avxvnni")))
 #define QLITE_MADD(acc, x, w) _mm256_dpwssd_avx_epi32(acc, x, w)
+#define QLITE_AVX2_U8 1
 #include "cpu_kernels_avx2.inc"
+#undef QLITE_AVX2_U8
 #undef QLITE_TGT
 #undef QLITE_MADD
 }  // namespace avxvnni
@@ -312,8 +316,9 @@ int CpuIsa() {
 // VNNI u8 x s8 dot form (vpdpbusd, int8 activations), 4 VNNI GEMM form
 // (packed weight panels; int8 or int16 activations, M >= GemmMinM), 5 AVX2
 // int16 dot form (vpmaddwd), 6 AVX-VNNI int16 dot form (ymm vpdpwssd), 7
-// NEON (vmlal / vmull + vpadal), 8 NEON sdot, 9 NEON smmla (i8mm).
-constexpr int kNumPaths = 10;
+// NEON (vmlal / vmull + vpadal), 8 NEON sdot, 9 NEON smmla (i8mm), 10
+// AVX-VNNI u8 x s8 dot form (ymm vpdpbusd, int8 activations, int8 weights).
+constexpr int kNumPaths = 11;
 
 // QLITE_CPU_KERNELS_ISA=vnni16|dot caps the VNNI family's sub-paths (for
 // measuring and testing them; "dot" = no GEMM form). Read once.
@@ -329,7 +334,10 @@ int PathFor(const Problem& p, bool int8_act, int fam) {
   if (fam == kFamScalar || !SimdShapeOk(p)) return 0;
   switch (fam) {
     case kFamAvx2: return 5;
-    case kFamAvxVnni: return 6;
+    case kFamAvxVnni:
+      // u8 x s8 (int8 activations, int8 weights) from 2 rows: the weight
+      // row sums cost one more pass over each block
+      return int8_act && !p.int4 && p.m >= 2 ? 10 : 6;
     case kFamAvx512Bw: return 1;
     case kFamVnni: {
       if (p.m >= GemmMinM(int8_act) && kVnniCap == 4) return 4;
@@ -359,6 +367,7 @@ void Range(const Problem& p, int path, int64_t n0, int64_t n1) {
     case 1: return bw::RangeAvx512(p, n0, n1);
     case 5: return avx2::RangeAvx2(p, n0, n1);
     case 6: return avxvnni::RangeAvx2(p, n0, n1);
+    case 10: return avxvnni::RangeU8(p, n0, n1);
 #endif
 #ifdef QLITE_ARM
     case 7: case 8: case 9: return RangeNeon(p, path - 7, n0, n1);
@@ -491,12 +500,12 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer w,
       asum[i] = sum;
     }
     p.asum = asum.data();
-  } else if (path == 0 || path >= 7) {
+  } else if (path == 0 || (path >= 7 && path <= 9)) {
     p.a8 = a8;                        // scalar and NEON read int8 rows
   } else {
     a16.assign(a8, a8 + p.m * p.k);   // int16 dot forms and their tails
     p.a = a16.data();
-    if (path == 3) {
+    if (path == 3 || path == 10) {
       au8.resize(p.m * p.k);
       for (int64_t i = 0; i < p.m * p.k; ++i)
         au8[i] = static_cast<uint8_t>(a8[i]) ^ 0x80;
