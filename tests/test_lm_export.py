@@ -87,6 +87,11 @@ def test_bad_signature_arguments_are_named(linen_lm):
   with pytest.raises(qlite.QliteError, match="unknown weight format 'int3'"):
     qlite.export_tflite(model, signatures={"decode": ("decode", args)},
                         variables=variables, weights="int3")
+  with pytest.raises(qlite.QliteError,
+                     match=r"signature 'decode': decode\(\*example_args\) "
+                     r"failed.*expected 4 caches"):
+    qlite.export_tflite(model, signatures={"decode": ("decode", args[:3])},
+                        variables=variables)
   with pytest.raises(qlite.QliteError, match="must be an identifier"):
     sig_lib.export_signatures({"my sig": ("decode", args)}, model=model,
                               variables=variables)

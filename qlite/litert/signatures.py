@@ -137,8 +137,17 @@ def export_signatures(signatures: Mapping[str, Sequence[Any]], *,
     fn, args = entry[:2]
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     avals = _avals(args, name)
+    label = fn if isinstance(fn, str) else getattr(fn, "__name__", "fn")
     fn = signature_function(model, fn, variables)
-    n_out = len(jax.eval_shape(fn, *avals))
+    try:
+      n_out = len(jax.eval_shape(fn, *avals))
+    except QliteError:
+      raise
+    except Exception as e:
+      raise QliteError(
+          f"signature {name!r}: {label}(*example_args) failed on the "
+          f"example args' shapes {[tuple(a.shape) for a in avals]}: "
+          f"{type(e).__name__}: {e}") from e
     ins, outs = entry[2:] if len(entry) == 4 else \
         (names or {}).get(name, (None, None))
     ins = list(ins or [f"input_{i}" for i in range(len(avals))])
