@@ -233,6 +233,10 @@ def _cmd_inspect(args):
   import qlite
   info = qlite.inspect_tflite(args.model)
   print(info.summary())
+  if len(info.signatures) > 1:
+    print("(ops and tensors above: the first signature's subgraph)")
+    for name, (ins, outs) in info.signatures.items():
+      print(f"signature {name}: ({', '.join(ins)}) -> ({', '.join(outs)})")
   if args.tensors:
     for t in info.tensors:
       q = "" if t.scale is None else (
