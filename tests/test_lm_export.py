@@ -211,6 +211,11 @@ def test_generate_cli(linen_lm, linen_float, tmp_path):
       [sys.executable, "-m", "qlite.cli", "generate", str(path),
        "--prompt-ids", "1,x"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--prompt-ids" in bad.stderr
+  shown = subprocess.run([sys.executable, "-m", "qlite.cli", "inspect",
+                          str(path)], capture_output=True, text=True,
+                         timeout=300)
+  assert "signature decode: (tokens, pos, k_cache_0, v_cache_0" in \
+      shown.stdout, shown.stdout
 
 
 @pytest.mark.slow
