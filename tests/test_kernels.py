@@ -272,8 +272,9 @@ def test_env_isa_bad_value_is_named(monkeypatch):
   cpu_kernels._env_family.cache_clear()
   try:
     # the old names still work: bw = avx512bw, dot / vnni16 = vnni
-    for env, fam in (("bw", "avx512bw"), ("dot", "vnni"), ("scalar",
-                                                           "scalar")):
+    for env, fam in (("bw", "avx512bw"), ("dot", "vnni"), ("avx2", "avx2"),
+                     ("avx512bw", "avx512bw"), ("vnni", "vnni"),
+                     ("scalar", "scalar")):
       if cpu_kernels.cpu_features().get(fam):
         monkeypatch.setenv("QLITE_CPU_KERNELS_ISA", env)
         cpu_kernels._env_family.cache_clear()

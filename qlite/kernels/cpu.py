@@ -96,13 +96,13 @@ _ENV_FAMILY = {"scalar": "scalar", "avx2": "avx2", "avxvnni": "avxvnni",
 # largest measured M at which the kernel won in every repeat (noisy cells
 # count as losses); (int8, int4) takes the (int8, int8) limit (XLA's int4
 # route unpacks the weight first, so the kernel's margin there is larger).
-# neon has no measurement (no Arm machine): it takes the AVX2 limits of a
-# 128-bit-per-instruction dot form, the least it is likely to win.
+# neon has no measurement (no Arm machine): conservative guesses for a
+# 128-bit dot form (weight-only 4 rows, DRQ 1), to refine on Arm hardware.
 KERNEL_MAX_ROWS = {
     "scalar": {("int16", "int8"): 0, ("int16", "int4"): 0,
                ("int8", "int8"): 0, ("int8", "int4"): 0},
     "avx2": {("int16", "int8"): 16, ("int16", "int4"): 4,
-             ("int8", "int8"): 1, ("int8", "int4"): 1},
+             ("int8", "int8"): 2, ("int8", "int4"): 2},
     "avxvnni": {("int16", "int8"): 16, ("int16", "int4"): 16,
                 ("int8", "int8"): 1, ("int8", "int4"): 1},
     "avx512bw": {("int16", "int8"): 64, ("int16", "int4"): 64,
