@@ -68,7 +68,12 @@ def test_panels_only_for_int8_activation_dots():
 
 @pytest.mark.parametrize("mode", ["drq", "srq"])
 @pytest.mark.parametrize("tile", [None, 64])
-def test_quantized_dot_on_panels_matches_other_routes(mode, tile):
+def test_quantized_dot_on_panels_matches_other_routes(mode, tile,
+                                                     monkeypatch):
+  # the panel route for every row count from GEMM_MIN_ROWS_INT8 (whatever
+  # the measured limit is today)
+  monkeypatch.setitem(cpu_kernels.KERNEL_MAX_ROWS["vnni"], ("int8", "panels"),
+                      cpu_kernels.MAX_M)
   rng = np.random.default_rng(2)
   k, n, m = 256, 130, 40
   qw = quantize(rng.standard_normal((k, n)).astype(np.float32), "int8",
@@ -90,3 +95,22 @@ def test_quantized_dot_on_panels_matches_other_routes(mode, tile):
   y_q = np.asarray(xla.quantized_dot(x, qw, DN, 1, **kw))
   np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(y_p, y_q, rtol=1e-5, atol=1e-5)
+
+
+def test_panel_route_follows_its_limit():
+  """Above the measured panel limit a DRQ dot leaves the GEMM form."""
+  lim = cpu_kernels.KERNEL_MAX_ROWS["vnni"][("int8", "panels")]
+  rng = np.random.default_rng(3)
+  k, n = 128, 64
+  qw = quantize(rng.standard_normal((k, n)).astype(np.float32), "int8",
+                channel_axes=(1,), narrow_range=True)
+  with cpu_kernels.use_isa("vnni"):
+    pw = matmul.pack_weight(qw, DN, 2, 1, act_int8=True)
+    for m, want in ((cpu_kernels.GEMM_MIN_ROWS_INT8, 1), (lim + 1, 0)):
+      if m < cpu_kernels.GEMM_MIN_ROWS_INT8 or (want and m > lim):
+        continue
+      x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+      before = cpu_kernels.isa_counts()["gemm"]
+      jax.block_until_ready(jax.jit(lambda x, w: xla.quantized_dot(
+          x, w, DN, 1, mode="drq", act_qtype="int8"))(x, pw))
+      assert cpu_kernels.isa_counts()["gemm"] - before == want, (m, lim)
