@@ -209,6 +209,94 @@ def worker_run_full_int8(path: str, threads: int, prompt: list, ref: list,
           "rss_before_mb": base, "run_peak_mb": _peak_rss_mb()}
 
 
+def worker_export_full_int8_decode(size: str, out: str) -> dict:
+  """qlite's full-integer 8x8 export of the decode step with the KV cache
+  (gemma_lm.DecodeStep: one function, so one signature), calibrated on 8
+  decode calls after JAX float prefills of random 128-token prompts."""
+  import dataclasses
+  import numpy as np
+  import qlite
+  from qlite.zoo import gemma_lm
+  cfg = dataclasses.replace(_config(size), composite_lookup=False)
+  model, variables = gemma_lm.build_linen(cfg, seed=0)
+  step, step_vars = gemma_lm.DecodeStep(cfg), gemma_lm.step_variables(
+      variables)
+  base = _rss_mb()
+  rng = np.random.default_rng(3)
+  t0 = time.perf_counter()
+  batches = []
+  for _ in range(8):
+    ids = rng.integers(0, cfg.vocab, (1, PREFILL_LEN)).astype(np.int32)
+    pre = model.apply(variables, ids, np.int32(PREFILL_LEN),
+                      *cfg.empty_caches(), method="prefill")
+    batches.append((rng.integers(0, cfg.vocab, (1, 1)).astype(np.int32),
+                    np.int32(PREFILL_LEN)) +
+                   tuple(np.asarray(c) for c in pre[1:]))
+  rules = [qlite.QuantizationRule()]
+  stats = qlite.calibrate(step, rules, batches, variables=step_vars,
+                          progress=False)
+  blob = qlite.export_tflite(step, rules, stats, batches[0],
+                             variables=step_vars, path=out)
+  dt = time.perf_counter() - t0
+  info = qlite.inspect_tflite(blob)
+  return {"bytes": len(blob), "export_s": dt, "rss_before_mb": base,
+          "export_peak_mb": _peak_rss_mb(), "full_integer": info.full_integer}
+
+
+def worker_run_full_int8_decode(path: str, threads: int, prompt: list,
+                                ref: list, runs: int) -> dict:
+  """LiteRT: decode tokens/s at positions 128.. (zero caches: the cost does
+  not depend on their values), and teacher-forced agreement with every
+  prompt token fed through decode from empty caches."""
+  import numpy as np
+  from ai_edge_litert.interpreter import Interpreter
+  base = _rss_mb()
+  it = Interpreter(model_path=path, num_threads=threads)
+  run = it.get_signature_runner()
+  di, do = run.get_input_details(), run.get_output_details()
+  key = lambda n: int(n.rsplit("_", 1)[-1])
+  ins, outs = sorted(di, key=key), sorted(do, key=key)
+
+  def q(x, d):
+    scale, zp = d["quantization"]
+    if np.dtype(d["dtype"]) == np.int8 and scale:
+      return np.clip(np.round(x / scale) + zp, -128, 127).astype(np.int8)
+    return np.asarray(x, d["dtype"])
+
+  def dq(y, d):
+    scale, zp = d["quantization"]
+    return (y.astype(np.float32) - zp) * scale if scale and \
+        np.dtype(d["dtype"]) == np.int8 else y
+
+  caches0 = [np.zeros(di[n]["shape"], np.float32) for n in ins[2:]]
+
+  def step(tok, pos, caches):
+    feed = {ins[0]: np.asarray([[tok]], np.int32),
+            ins[1]: np.asarray(pos, np.int32)}
+    feed.update({n: q(c, di[n]) for n, c in zip(ins[2:], caches)})
+    o = run(**feed)
+    return dq(o[outs[0]], do[outs[0]]).reshape(-1), \
+        [dq(o[n], do[n]) for n in outs[1:]]
+  dec, dec_cpu = [], []
+  for _ in range(runs):
+    caches, tok = caches0, 1
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(NEW_TOKENS):
+      lg, caches = step(tok, PREFILL_LEN + i, caches)
+      tok = int(np.argmax(lg))
+    dec.append(time.perf_counter() - t0)
+    dec_cpu.append(time.process_time() - c0)
+  seq, caches, got = prompt + ref, caches0, []
+  for pos in range(len(seq) - 1):
+    lg, caches = step(seq[pos], pos, caches)
+    if pos >= len(prompt) - 1:
+      got.append(int(np.argmax(lg)))
+  return {"decode_tok_s": NEW_TOKENS / statistics.median(dec),
+          "decode_tok_s_cpu": NEW_TOKENS / statistics.median(dec_cpu),
+          "agree": float(np.mean(np.asarray(got) == np.asarray(ref))),
+          "rss_before_mb": base, "run_peak_mb": _peak_rss_mb()}
+
+
 def worker_reference(size: str, prompt: list) -> dict:
   """JAX float greedy continuation of ``prompt``."""
   from qlite.zoo import gemma_lm
@@ -280,9 +368,9 @@ def main(argv=None):
     os.makedirs(d, exist_ok=True)
     for fmt in formats:
       path = os.path.join(d, f"{fmt}.tflite")
-      full = fmt == "full_int8"
+      full = fmt in ("full_int8", "full_int8_decode")
       try:
-        ex = _sub(["export_full_int8", a.size, path] if full else
+        ex = _sub([f"export_{fmt}", a.size, path] if full else
                   ["export", a.size, fmt, path])
       except RuntimeError as e:
         print(f"{fmt}: export failed: {str(e)[-400:]}", flush=True)
@@ -291,7 +379,7 @@ def main(argv=None):
       row = dict(ex)
       for t in threads:
         try:
-          r = _sub(["run_full_int8" if full else "run", path, t, prompt,
+          r = _sub([f"run_{fmt}" if full else "run", path, t, prompt,
                     ref["tokens"], a.runs])
         except RuntimeError as e:
           print(f"{fmt}: run failed: {str(e)[-400:]}", flush=True)
@@ -338,7 +426,8 @@ def _rows_from_log(path: str) -> dict:
   rows = {}
   for line in open(path):
     head, _, rest = line.partition(" ")
-    if rest.startswith("{") and head in FORMATS + ("full_int8",):
+    if rest.startswith("{") and head in FORMATS + ("full_int8",
+                                                    "full_int8_decode"):
       rows[head] = json.loads(rest)
   return rows
 
@@ -472,6 +561,8 @@ if __name__ == "__main__":
     fn = {"export": worker_export, "run": worker_run,
           "reference": worker_reference,
           "export_full_int8": worker_export_full_int8,
+          "export_full_int8_decode": worker_export_full_int8_decode,
+          "run_full_int8_decode": worker_run_full_int8_decode,
           "run_full_int8": worker_run_full_int8}[kind]
     print(json.dumps(fn(*rest)))
   else:

@@ -363,3 +363,20 @@ def greedy_reference(full_logits, prompt_ids, max_new_tokens: int):
     if i + 1 < max_new_tokens:
       seq[0, pos + 1] = tok
   return tokens, np.stack(rows)
+
+
+class DecodeStep(nn.Module):
+  """:meth:`GemmaLM.decode` as ``__call__`` (Linen), for qlite's
+  full-integer export, which calibrates and exports a module's
+  ``__call__``: ``(ids [B, 1], pos, *caches) -> (logits, *caches)``. Its
+  variables are the LM's under ``"lm"`` (:func:`step_variables`)."""
+  cfg: LMConfig = TINY
+
+  @nn.compact
+  def __call__(self, ids, pos, *caches):
+    return GemmaLM(self.cfg, name="lm").decode(ids, pos, *caches)
+
+
+def step_variables(variables) -> dict:
+  """The variables of a :class:`DecodeStep` from :class:`GemmaLM`'s."""
+  return {"params": {"lm": variables["params"]}}
