@@ -295,7 +295,9 @@ def info() -> dict:
 def format_info(d: dict | None = None) -> str:
   """:func:`info` as text (what ``qlite doctor`` prints)."""
   d = info() if d is None else d
-  lines = [f"qlite CPU kernels: {'built' if d['built'] else 'not built'}",
+  state = ("built" if d["built"] else "turned off" if
+           d["family_reason"] == "QLITE_CPU_KERNELS=0" else "not built")
+  lines = [f"qlite CPU kernels: {state}",
            f"backend: {d['backend']}"]
   if d["cpu_features"]:
     lines.append("cpu: " + ", ".join(
