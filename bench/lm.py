@@ -407,11 +407,13 @@ NOTES = """
 | int4_dynamic | int4 per-channel weights, hybrid kernels | dynamic range | same |
 | int4_block32 / 64 / 128 | int4 weights, one scale per block of 32 / 64 / 128 inputs | dynamic range (blockwise) | same; 128 needs d_model % 128 == 0 |
 | full_int8 | qlite's own full-integer export (static int8 activations) of the full-sequence forward | int8 end to end | full_integer, agreement (slow test); no cache (one function) |
+| full_int8_decode | qlite's own full-integer export of the decode step with the KV cache (`gemma_lm.DecodeStep`; caches int8 inside, float at the interface) | int8 end to end | full_integer, teacher-forced agreement after a float prefill, logits within 5 % (test) |
 
 Not available: blockwise weight-only (the quantizer's blockwise weight-only
-recipe returns the model unchanged, measured); int8 / int4 for the
-multi-signature cached model with static int8 activations (qlite's
-full-integer path exports one function; 16x8 is another issue's work).
+recipe returns the model unchanged, measured); static int8 activations in
+the multi-signature file (qlite's full-integer path exports one function:
+the decode step alone, `full_int8_decode`, or the full sequence,
+`full_int8`; 16x8 is another issue's work).
 The embedding lookup is an `odml.embedding_lookup` composite so that the
 tied embedding is one buffer shared by EMBEDDING_LOOKUP and the output
 FULLY_CONNECTED, quantized once (a plain `jnp.take` became GATHER_ND, whose
