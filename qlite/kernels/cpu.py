@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -190,15 +191,22 @@ def _env_family() -> tuple[str | None, str]:
   return fam, f"QLITE_CPU_KERNELS_ISA={e}"
 
 
-_FORCED: list = []
+# use_isa() overrides, per thread (tracing runs in the caller's thread).
+_LOCAL = threading.local()
+
+
+def _forced() -> list:
+  if not hasattr(_LOCAL, "stack"):
+    _LOCAL.stack = []
+  return _LOCAL.stack
 
 
 def family() -> str | None:
   """The kernel family dots traced now use (None: kernels off or not
   built): the innermost :func:`use_isa`, else ``QLITE_CPU_KERNELS_ISA``,
   else the best this CPU supports."""
-  if _FORCED:
-    return _FORCED[-1]
+  if _forced():
+    return _forced()[-1]
   if not _load():
     return None
   return _env_family()[0]
@@ -212,11 +220,11 @@ def use_isa(name: str | None):
   :class:`qlite.errors.QliteError` when the CPU lacks the family."""
   name = None if name in (None, "off") else name
   _check_family(name, "use_isa")
-  _FORCED.append(name)
+  _forced().append(name)
   try:
     yield
   finally:
-    _FORCED.pop()
+    _forced().pop()
 
 
 def plan(m: int, act: str = "int8", weight: str = "int8",
@@ -258,7 +266,7 @@ def info() -> dict:
     return out
   fam = family()
   out["family"] = fam
-  out["family_reason"] = ("use_isa() override" if _FORCED else
+  out["family_reason"] = ("use_isa() override" if _forced() else
                           _env_family()[1])
   paths = []
   for (act, weight) in (("int16", "int8"), ("int16", "int4"),
