@@ -67,6 +67,17 @@ def _check_algorithms(algorithms) -> tuple[str, ...]:
   return tuple(a for a in ALGORITHMS if a in algorithms)
 
 
+def _finite(new, old, name: str, report: list) -> bool:
+  """False (and a report line) when ``name`` made a parameter non-finite:
+  its changes are then dropped, never exported."""
+  for i, (a, b) in enumerate(zip(new, old)):
+    if a is not b and not np.all(np.isfinite(np.asarray(a))):
+      report.append(f"{name}: produced non-finite values in parameter {i}; "
+                    f"its changes were undone")
+      return False
+  return True
+
+
 def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
              variables=None, *, algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
              method: str = "minmax", progress: bool = False,
@@ -133,10 +144,11 @@ def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     else:
       new = smoothquant.migrate(graph, layers, leaves, qm.mf.params, batches,
                                 report, alpha=smoothquant_alpha)
-    if new is not leaves:
+    if new is not leaves and _finite(new, leaves, name, report):
       model, variables = _graph.rebuild(model, qm.mf.params, new)
   stats = cal(model, variables)
   changed = False
+  before_rounding = None
   for name in ("adaround", "bias_correction"):
     if name not in algorithms:
       continue
@@ -146,13 +158,18 @@ def optimize(model, rules: Sequence[QuantizationRule], batches: Iterable[Any],
     graph, plan = qm.traced(args)
     layers = _graph.weighted_layers(graph, plan, leaves)
     if name == "adaround":
-      leaves = adaround.fit(graph, plan, provider, layers, leaves, batches,
-                            report, iters=adaround_iters,
-                            max_batches=adaround_batches)
+      before_rounding = leaves
+      new = adaround.fit(graph, plan, provider, layers, leaves, batches,
+                         report, iters=adaround_iters,
+                         max_batches=adaround_batches)
     else:
-      leaves = bias_correction.correct(graph, plan, provider, layers, leaves,
-                                       batches, report)
-    model, variables = _graph.rebuild(model, qm.mf.params, leaves)
+      # after AdaRound the weights are on the grid: the rounding error to
+      # correct is the one from the weights before it
+      new = bias_correction.correct(graph, plan, provider, layers, leaves,
+                                    batches, report, reference=before_rounding)
+    if not _finite(new, leaves, name, report):
+      continue
+    model, variables = _graph.rebuild(model, qm.mf.params, new)
     changed = True
   if changed:
     stats = cal(model, variables)

@@ -21,9 +21,11 @@ from qlite.ptq import _graph, _weights
 
 
 def correct(graph, plan, provider, layers, leaves: list, batches,
-            report: list) -> list:
+            report: list, reference: list | None = None) -> list:
   """Returns new flat params with the biases corrected (``report`` gets one
-  line per layer)."""
+  line per layer). ``reference``: the flat params whose weights the
+  quantized ones stand for (default ``leaves``; AdaRound passes the weights
+  before its rounding)."""
   layers = [l for l in layers if l.shift is not None]
   if not layers:
     report.append("bias_correction: no layer with a per-channel bias or "
@@ -32,7 +34,8 @@ def correct(graph, plan, provider, layers, leaves: list, batches,
   acts = [l.node.inputs[l.act_operand] for l in layers]
   fq_fn = _graph.fake_quant_capture(provider, graph, plan, leaves, acts)
   wq = [_weights.quantized(leaves[l.param], l.spec) for l in layers]
-  w = [np.asarray(leaves[l.param], np.float32) for l in layers]
+  ref = leaves if reference is None else reference
+  w = [np.asarray(ref[l.param], np.float32) for l in layers]
 
   @jax.jit
   def shifts(xs_q):
