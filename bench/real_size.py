@@ -234,8 +234,28 @@ def main(argv=None) -> int:
               f"{r['sqnr']:6.2f} dB  {r['lat1']:8.1f} / {r['lat2']:8.1f} ms"
               f"  export {r['export_s']:6.1f} s  RSS "
               f"{r['rss_peak_mib']:6.0f} MiB"), flush=True)
-  total = time.time() - t_all
-  md = "\n".join([
+      if a.models is None and a.pipelines is None and m != models[-1]:
+        _write(_render(rows, models, a, calib_n, eval_n, runs,
+                       time.time() - t_all, partial=True))
+  md = _render(rows, models, a, calib_n, eval_n, runs, time.time() - t_all)
+  print(md)
+  if a.models is None and a.pipelines is None:
+    _write(md)
+  else:
+    print("(partial run: bench/RESULTS_real_size.md not written)")
+  return 0
+
+
+def _write(md: str) -> None:
+  with open(os.path.join(HERE, "RESULTS_real_size.md"), "w") as f:
+    f.write(md)
+
+
+def _render(rows, models, a, calib_n, eval_n, runs, total,
+            partial=False) -> str:
+  """The results page (``partial``: written after each model, so a run cut
+  short leaves what it measured)."""
+  return "\n".join([
       "# qlite at real model sizes", "",
       f"Command: `python bench/real_size.py{' --quick' if a.quick else ''}`"
       f" ({total:.0f} s). Machine: {platform.machine()}, {os.cpu_count()} "
@@ -253,15 +273,9 @@ def main(argv=None) -> int:
       f"rebuild holding the same weights (BatchNorm folded). Export time "
       f"and peak RSS are of a fresh process per export (TF's includes "
       f"building the Keras model).", "",
-      table(rows, models), ""])
-  print(md)
-  out = os.path.join(HERE, "RESULTS_real_size.md")
-  if a.models is None and a.pipelines is None:
-    with open(out, "w") as f:
-      f.write(md)
-  else:
-    print(f"(partial run: {out} not written)")
-  return 0
+      table(rows, models), "",
+      "(run in progress: models not measured yet are missing)" if partial
+      else ""])
 
 
 if __name__ == "__main__":
