@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from qlite.analysis.runner import compare
-from qlite.errors import QliteError, UnsupportedOpError
+from qlite.errors import QliteError
 from qlite.litert.pipeline import calibrate, export_tflite
 from qlite.litert.rule_check import NO_16X8_KERNEL
 from qlite.litert.runtime import TFLiteRunner
@@ -362,7 +362,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         blob = export(rules_for(promo), strict=strict)
         cache[key] = (ev.sqnr(blob), blob)
         steps.append(Step(len(promo), cache[key][0]))
-      except UnsupportedOpError as e:
+      except QliteError as e:       # a named refusal: skip that module
         cache[key] = (-np.inf, None)
         steps.append(Step(len(promo), -np.inf, str(e).split("\n")[0]))
       say(f"autotune: {len(promo)} promoted -> {cache[key][0]:.1f} dB")
