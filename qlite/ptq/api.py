@@ -24,10 +24,11 @@ ALGORITHMS = ("equalization", "smoothquant", "adaround", "bias_correction")
 """The algorithm names :func:`optimize` accepts in ``algorithms``."""
 # Chosen by measurement on held-out data (bench/ptq_algorithms.py ->
 # bench/RESULTS_ptq.md, 11 bench / zoo models): bias correction gained on 8
-# (+0.5 to +8.4 dB, mean +2.15 dB), lost on 2 (tcn -1.55, a BERT-style
-# encoder -0.18); the others did not win broadly (SmoothQuant -0.3 dB on
-# the two random-weight transformers it applies to; AdaRound within
-# +-0.1 dB at int8; equalization only changes ReLU conv chains).
+# (+0.5 to +8.4 dB, mean +2.16 dB), lost on 1 (tcn -1.55); the others did
+# not win broadly (SmoothQuant -0.3 dB on the two random-weight
+# transformers it applies to; AdaRound +0.2 to +0.4 dB at int8 for 30 s to
+# 12 min per model; equalization +0.4 dB mean on the 5 ReLU conv nets,
+# nothing on top of bias correction).
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("bias_correction",)
 """The algorithms :func:`optimize` runs when ``algorithms`` is not given
 (chosen by measurement: ``bench/RESULTS_ptq.md``)."""
