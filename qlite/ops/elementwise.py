@@ -52,7 +52,8 @@ class Arithmetic(base.OpHandler):
   primitives = AFFINE
   litert_ops = ("ADD", "SUB", "MUL")
   notes = ("div by a constant runs as MUL by its quantized reciprocal; an "
-           "additive attention mask is clipped to the logits' range")
+           "additive attention mask is clipped to the logits' range; r + r "
+           "of a reshaped r runs as MUL by 2")
   mask_margin = 10.0
 
   def chain_fusion(self, node, ctx, chain, direct, activated):
@@ -97,6 +98,22 @@ class Arithmetic(base.OpHandler):
 
   def reads_constant_values(self) -> bool:
     return True          # additive masks (masked_fill)
+
+  def virtual_constants(self, node, ctx) -> tuple:
+    """``r + r`` of a reshaped value runs as ``r * 2``: litert-converter
+    moves a RESHAPE after an ADD of it with itself, and a second self-add
+    of that sum then fails its same-scale check ('tfl.reshape' op
+    quantization parameters violate the same scale constraint, found by
+    the fuzzer); it leaves a MUL by a constant alone."""
+    a = node.inputs[0]
+    if node.name == "add" and len(node.inputs) == 2 and \
+        node.inputs[1] == a and ctx.graph.is_activation(a) and \
+        getattr(ctx.graph.producer.get(a), "name", None) == "reshape":
+      return (2.0,)
+    return ()
+
+  def lower(self, node, invals, consts):
+    return [jax.lax.mul_p.bind(invals[0], consts[0])]
 
   def scales_by_constant(self, node, ctx) -> bool:
     return node.name in ("div", "mul") and any(
