@@ -5,6 +5,7 @@ and the size and LiteRT latency cost.
 
     python bench/autotune.py                 # writes bench/RESULTS_autotune.md
     python bench/autotune.py mlp_mixer       # one model, no file
+    python bench/autotune.py resnet50_64     # appends ResNet-50 64x64
 """
 
 from __future__ import annotations
@@ -38,12 +39,35 @@ def batches_of(name: str):
           make(shape, seed=seed + 9000, num=HELD))
 
 
+def resnet50_64():
+  """ResNet-50 (bottleneck 3-4-6-3, bench/_real_size_models.py) at 64x64,
+  random weights and BatchNorm statistics (as issue 17's 17.4 dB figure):
+  (model, variables, calibration batches, held-out batches)."""
+  sys.path.insert(0, HERE)
+  import numpy as np
+  import _real_size_models as rs
+  m = rs.ResNet50()
+  calib = base.uniform_batches((64, 64, 3), seed=500, num=CALIB,
+                               batch_size=2)
+  held = base.uniform_batches((64, 64, 3), seed=9500, num=HELD,
+                              batch_size=4)
+  v = base.init_linen(m, 0, calib[0][:1])
+  v = base.randomize_batchnorm_linen(
+      jax.tree_util.tree_map(lambda a: np.array(a, np.float32), v), 2)
+  v = jax.tree_util.tree_map(lambda a: np.array(a, np.float32), v)
+  return m, v, calib, held
+
+
 def measure(name: str) -> dict:
-  zm = registry.get(f"{name}/linen")
-  calib, held = batches_of(name)
+  if name == "resnet50_64":
+    model, variables, calib, held = resnet50_64()
+  else:
+    zm = registry.get(f"{name}/linen")
+    model, variables = zm.model, zm.variables
+    calib, held = batches_of(name)
   t0 = time.perf_counter()
   rules, stats, report = qlite.autotune(
-      zm.model, [qlite.QuantizationRule()], calib, variables=zm.variables,
+      model, [qlite.QuantizationRule()], calib, variables=variables,
       target_sqnr_db=TARGET, eval_batches=held, progress=True)
   secs = time.perf_counter() - t0
   print(report, flush=True)
@@ -74,6 +98,12 @@ def main(argv=None) -> int:
                                          "resnet"])]
   text = table(rows)
   print(text)
+  if names == ["resnet50_64"]:     # appended to the default run's file
+    with open(os.path.join(HERE, "RESULTS_autotune.md"), "a") as f:
+      f.write(f"\n## ResNet-50 at 64x64 (`python bench/autotune.py "
+              f"resnet50_64`)\n\n{CALIB} calibration batches of 2 rows, "
+              f"{HELD} held-out batches of 4 rows.\n\n{text}\n\n```\n"
+              f"{rows[0]['report']}\n```\n")
   if write:
     detail = "\n\n".join(f"### {r['model']}\n\n```\n{r['report']}\n```"
                          for r in rows)
