@@ -87,9 +87,7 @@ def test_autotune_reaches_the_target_with_some_modules_int16(tuned):
   assert rules[-1] == Rule()
   promoted_paths = {p for p, *_ in report.promoted}
   exact = {r.module_path for r in rules[:-1]}
-  # (one op of the root module: "<root> [op]", rule module_path "")
-  assert exact == {"" if p.startswith("<root> [") else re.escape(p)
-                   for p in promoted_paths}
+  assert exact == {re.escape(p) for p in promoted_paths}
 
 
 def test_autotune_report_lists_cost(tuned):

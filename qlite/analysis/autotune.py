@@ -56,9 +56,7 @@ class AutotuneReport:
     base_sqnr_db / final_sqnr_db: LiteRT vs float on the held-out batches,
       with the given rules and with the returned ones (min over outputs).
     promoted: ``[(module_path, qtype, alone_sqnr_db, own_sqnr_db)]`` in
-      sensitivity order (``qtype``: ``"int16"`` or ``"float"``; the root
-      module's glue ops are promoted one op kind at a time, labelled
-      ``"<root> [add]"``):
+      sensitivity order (``qtype``: ``"int16"`` or ``"float"``):
       ``alone``: SQNR of the outputs with only that module's activations
       int8 (what ranks it), ``own``: compare's ``own_vs_float``, the lowest
       of its boundaries.
@@ -105,7 +103,7 @@ class AutotuneReport:
         f"({_pct(self.final_latency_ms, self.base_latency_ms)}, "
         f"{self.latency_threads} thread(s), median)"]
     for path, qtype, alone, own in self.promoted:
-      lines.append(f"    {qtype:<6} {path}  (alone "
+      lines.append(f"    {qtype:<6} {path or '<root>'}  (alone "
                    f"{alone:.1f} dB, own {own:.1f} dB)")
     lines.append("  search: " + ", ".join(
         f"{s.promoted}->" + (f"{s.sqnr_db:.1f} dB" if s.error is None
@@ -169,20 +167,6 @@ class _Evaluator:
     return 1e3 * float(np.median(times))
 
 
-_SEP = "\x00"
-
-
-def _unit(path: str, op: str) -> str:
-  """What one promotion covers: a module, or for the root module (the
-  glue between submodules: residual adds, pools, activations) one op kind
-  of it."""
-  return f"{_SEP}{op}" if path == "" else path
-
-
-def _label(unit: str) -> str:
-  return f"<root> [{unit[1:]}]" if unit.startswith(_SEP) else unit
-
-
 def _alone_sqnr(model, variables, rules, stats, batch) -> dict[str, float]:
   """``{module_path: SQNR dB}`` of the model's outputs against float when
   only that module's activation boundaries (and the constants its ops
@@ -202,36 +186,28 @@ def _alone_sqnr(model, variables, rules, stats, batch) -> dict[str, float]:
       else model
   refs = [np.asarray(o, np.float64)
           for o in jax.tree_util.tree_leaves(fn(*args))]
-  units = sorted({_unit(b.module_path, b.op)
-                  for b in plan.boundaries.values() if b.op != "input"})
+  paths = sorted({b.module_path for b in plan.boundaries.values()
+                  if b.op != "input"})
   out = {}
-  for unit in units:
+  for path in paths:
     sub = dataclasses.replace(
         plan,
         boundaries={v: b for v, b in plan.boundaries.items()
-                    if b.op != "input" and _unit(b.module_path, b.op) == unit},
+                    if b.module_path == path and b.op != "input"},
         weights={},
         consts={k: c for k, c in plan.consts.items()
-                if _unit(graph.nodes[c.node].module_path,
-                         graph.nodes[c.node].name) == unit})
+                if graph.nodes[c.node].module_path == path})
     ys = jax.jit(provider.function(graph, sub, flat_params))(*flat_args)
-    out[unit] = float(min(sqnr_db(r, np.asarray(y))
+    out[path] = float(min(sqnr_db(r, np.asarray(y))
                           for r, y in zip(refs, jax.tree_util.tree_leaves(
                               ys))))
   return out
 
 
-def _module_rule(unit: str, qtype: str, base_qtype: str | None,
+def _module_rule(path: str, qtype: str, base_qtype: str | None,
                  ops: set[str]) -> list[QuantizationRule]:
-  """The rules that promote ``unit`` (a module path, exactly, or one op of
-  the root module) to ``qtype``; for int16, its ``ops`` without a 16x8
-  kernel stay at the base qtype."""
-  if unit.startswith(_SEP):
-    op = unit[1:]
-    return [QuantizationRule(module_path="", op_names=(op,),
-                             act_qtype=None if qtype == FLOAT else qtype,
-                             weight_qtype=None if qtype == FLOAT else "int8")]
-  path = unit
+  """The rules that promote module ``path`` (exactly) to ``qtype``; for
+  int16, its ``ops`` without a 16x8 kernel stay at the base qtype."""
   exact = re.escape(path)
   if qtype == FLOAT:
     return [QuantizationRule(module_path=exact, act_qtype=None,
@@ -352,19 +328,17 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
   own: dict[str, float] = {}
   module_ops: dict[str, set[str]] = {}
   for r in layers:
-    u = _unit(r.module_path, r.op)
-    counts[u] = counts.get(u, 0) + 1
-    module_ops.setdefault(u, set()).add(r.op)
+    counts[r.module_path] = counts.get(r.module_path, 0) + 1
+    module_ops.setdefault(r.module_path, set()).add(r.op)
     s = r.sqnr("own_vs_float")
     if s is not None:
-      own[u] = min(own.get(u, np.inf), s)
+      own[r.module_path] = min(own.get(r.module_path, np.inf), s)
   alone = _alone_sqnr(model, variables, rules, stats, eval_batches[0])
   # most noise removed per boundary promoted first: the output noise power
   # with only that module's activations quantized (10^(-alone/10)) over its
   # boundaries (what int16 costs in size and latency); compare's own SQNR
   # breaks ties
-  ranked = sorted((p for p in counts if p in alone and not (
-      p.startswith(_SEP) and p[1:] in NO_16X8_KERNEL)),
+  ranked = sorted((p for p in counts if p in alone),
                   key=lambda p: (-10.0 ** (-alone[p] / 10.0) / counts[p],
                                  own.get(p, np.inf)))
   total = len(report.layers)
@@ -418,7 +392,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         break
       # the last promoted module cannot take the candidate: drop it
       bad = promo[-1][0]
-      skipped.append((_label(bad), steps[-1].error or "export failed"))
+      skipped.append((bad, steps[-1].error or "export failed"))
       usable.remove(bad)
       promo = promo_of(k)
       if len(promo) < k:
@@ -473,7 +447,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
       target_sqnr_db=float(target_sqnr_db),
       reached=bool(final_sqnr >= target_sqnr_db),
       base_sqnr_db=base_sqnr, final_sqnr_db=float(final_sqnr),
-      promoted=[(_label(p), q, float(alone[p]), float(own.get(p, np.nan)))
+      promoted=[(p, q, float(alone[p]), float(own.get(p, np.nan)))
                 for p, q in promo],
       boundaries=total,
       boundaries_promoted=sum(counts[p] for p, _ in promo),
