@@ -92,7 +92,8 @@ class Graph:
   def is_float(self, var) -> bool:
     if isinstance(var, Lit):
       return False
-    return np.issubdtype(np.dtype(self.avals[var].dtype), np.floating)
+    # jax's issubdtype: numpy's says bfloat16 / float8 are not floating
+    return jax.dtypes.issubdtype(self.avals[var].dtype, np.floating)
 
   def is_activation(self, var) -> bool:
     """A float tensor that depends on the model inputs."""
