@@ -187,6 +187,49 @@ def test_float_kept_softmax_exports_a_model_litert_loads(qtype):
   assert db >= 30.0
 
 
+CAUSAL = np.tril(np.ones((8, 8), bool))
+
+
+class MaskedAttn(nn.Module):
+  """Dense logits (a submodule: int8 under a rule for this module only),
+  a ``jnp.where`` causal mask with a finfo.min fill, a softmax."""
+
+  @nn.compact
+  def __call__(self, x):
+    s = nn.Dense(8, name="logits")(x)
+    s = jnp.where(jnp.asarray(CAUSAL), s, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(s)
+
+
+class MaskedModel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = MaskedAttn(name="attn")(nn.Dense(12, name="inp")(x))
+    return nn.Dense(4, name="head")(h)
+
+
+def test_mixed_int16_masked_select_reads_its_output_scale():
+  """An int16 masked select (attention module int16) of int8 logits: the
+  logits are requantized straight to the SELECT's output scale. It used to
+  be requantized at the logits' own int16 scale (2x margin), which the
+  converter refused ('tfl.select' op quantization parameters violate the
+  same scale constraint; the zoo causal_lm with 'layer1/attn' int16)."""
+  rng = np.random.default_rng(0)
+  calib = [rng.normal(size=(2, 8, 12)).astype(np.float32) for _ in range(3)]
+  held = rng.normal(size=(2, 8, 12)).astype(np.float32)
+  rules = [Rule(module_path="attn", act_qtype="int16"), Rule()]
+  blob, db = _export(MaskedModel(), rules, calib, held)
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer
+  sel = next(o for o in info.ops if o.name == "SELECT")
+  tensors = [info.tensor(i) for i in list(sel.inputs[1:]) + list(sel.outputs)]
+  assert {t.dtype for t in tensors} == {"INT16"}
+  assert len({float(t.scale[0]) for t in tensors}) == 1
+  assert "SOFTMAX" in info.op_histogram
+  _, db8 = _export(MaskedModel(), [Rule()], calib, held)
+  assert db >= 30.0 and db >= db8 - 0.5, (db8, db)     # ~36.7, int8 ~35.2
+
+
 BENCH = ["digits_cnn", "mobilenet_v2", "resnet"]
 
 
