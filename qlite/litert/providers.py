@@ -224,6 +224,7 @@ class ConversionProvider(_PlannedProvider):
   def prepare(self, graph):
     plan = build_plan(graph, self.matcher)
     _check_16x8_kernels(graph, plan, self.matcher)
+    _int8_lookup_tables(plan)
     int_lookup.resolve_plan(plan, graph, self.stats)   # tables' ranges
     for b in plan.boundaries.values():
       try:
@@ -386,6 +387,19 @@ def _float_produced(graph, plan, matcher) -> set[int]:
     if m is None or m[1].act_qtype is None:
       out.add(var)
   return out
+
+
+def _int8_lookup_tables(plan) -> None:
+  """A table lookup's exit (qlite.ops.int_lookup) is a GATHER, which LiteRT
+  has no 16x8 kernel for: an exit an int16 rule covers keeps its table in
+  int8 (its own calibrated range) and the int16 ops that read it get a
+  requantize, like any int8 -> int16 edge of a mixed model."""
+  for region in {id(r): r for r in plan.lookups.values()}.values():
+    for var in region.exits:
+      b = plan.boundaries.get(var)
+      if b is not None and symmetric_acts(b.rule.act_qtype):
+        plan.boundaries[var] = dataclasses.replace(
+            b, rule=dataclasses.replace(b.rule, act_qtype="int8"))
 
 
 def _check_16x8_kernels(graph, plan, matcher) -> None:
