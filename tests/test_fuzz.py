@@ -1,10 +1,11 @@
-"""CI slice of the model fuzzer (25 seeds; `make fuzz` runs 200).
+"""CI slice of the model fuzzer (seeds 0-14 in the default suite, 15-24 with
+`make test-slow`; `make fuzz` runs 200).
 
 The generator draws only from qlite's supported vocabulary (image, sequence,
 int32-token and segment-sum graph models), so every seed must export
 full-integer; a named error passes only for a seed listed, with its error
 class and reason, in ``fuzz_models.EXPECTED_NAMED_ERRORS`` (none in 0-24).
-About 80 s on a shared 2-core machine (RNN seeds take 5-15 s each)."""
+The default slice takes about 50 s on 2 cores (RNN seeds take 5-15 s each)."""
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,14 @@ import fuzz_models
 import qlite
 
 
-@pytest.mark.parametrize("seed", range(25))
+# seeds past DEFAULT_SEEDS are slow-marked: the default suite stays well
+# under CI's 10 minutes (tests/golden/export_hashes.py still pins 0-24)
+DEFAULT_SEEDS = 15
+
+
+@pytest.mark.parametrize("seed", [
+    s if s < DEFAULT_SEEDS else pytest.param(s, marks=pytest.mark.slow)
+    for s in range(25)])
 def test_fuzz_seed(seed):
   r = fuzz_models.run_seed(seed)
   problem = fuzz_models.unexpected(r)
