@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import math
-import textwrap
 
 import numpy as np
 import pytest
@@ -248,30 +247,9 @@ def test_batch_chunking_and_errors(digits_data, digits_trained, digits_export,
                   variables=variables, progress=False)
 
 
-def test_cli_compare(tmp_path, monkeypatch, capsys):
+def test_cli_compare(tmp_path, capsys, tiny_cli_entry):
   from qlite import cli
-  mod = "qlite_cmp_entry_mod"
-  (tmp_path / f"{mod}.py").write_text(textwrap.dedent("""
-      import jax
-      import numpy as np
-      from flax import linen as nn
-
-      class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-          x = nn.relu(nn.Dense(16)(x))
-          return nn.Dense(4)(x)
-
-      def make():
-        model = Tiny()
-        rng = np.random.default_rng(0)
-        batches = [rng.normal(size=(8, 6)).astype(np.float32)
-                   for _ in range(3)]
-        variables = model.init(jax.random.key(0), batches[0])
-        return model, variables, batches
-  """))
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.chdir(tmp_path)
+  mod = tiny_cli_entry("qlite_cmp_entry_mod")
   out = tmp_path / "tiny.tflite"
   assert cli.main(["export", f"{mod}:make", "--out", str(out)]) == 0
   capsys.readouterr()

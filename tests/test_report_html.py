@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import textwrap
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -155,30 +154,9 @@ def test_json_roundtrip_renders_the_same_page(wrong_scale_report):
   assert back.to_html() == rep.to_html()
 
 
-def test_cli_compare_html(tmp_path, monkeypatch, capsys):
+def test_cli_compare_html(tmp_path, capsys, tiny_cli_entry):
   from qlite import cli
-  mod = "qlite_html_entry_mod"
-  (tmp_path / f"{mod}.py").write_text(textwrap.dedent("""
-      import jax
-      import numpy as np
-      from flax import linen as nn
-
-      class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-          x = nn.relu(nn.Dense(16)(x))
-          return nn.Dense(4)(x)
-
-      def make():
-        model = Tiny()
-        rng = np.random.default_rng(0)
-        batches = [rng.normal(size=(8, 6)).astype(np.float32)
-                   for _ in range(3)]
-        variables = model.init(jax.random.key(0), batches[0])
-        return model, variables, batches
-  """))
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.chdir(tmp_path)
+  mod = tiny_cli_entry("qlite_html_entry_mod")
   out = tmp_path / "tiny.tflite"
   assert cli.main(["export", f"{mod}:make", "--out", str(out),
                    "--no-progress"]) == 0
