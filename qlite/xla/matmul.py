@@ -320,15 +320,22 @@ class PackedWeight:
     lay = self.layout
     w = _unpack_int4_nk(self.data) if self.packed else self.data
     w = jnp.swapaxes(w, 1, 2)                                   # [B, K, N]
-    perm = lay.w_batch + lay.w_contract + lay.w_free
-    w = w.reshape(tuple(self.shape[d] for d in perm))
-    w = jnp.transpose(w, np.argsort(perm))
-    storage = qt_lib.get_qtype(self.qtype).storage_dtype
-    return QArray(w.astype(storage), self.scale, None, self.qtype,
-                  self.channel_axes, self.tile_sizes, self.dtype)
+    return qarray_from_layout(
+        w, lay.w_batch + lay.w_contract + lay.w_free, self)
 
   def dequantize(self, dtype=None):
     return self.to_qarray().dequantize(dtype)
+
+
+def qarray_from_layout(w, perm, packed) -> QArray:
+  """The :class:`QArray` of a weight stored with its axes in ``perm`` order
+  (merged, e.g. ``[B, K, N]``): ``packed`` (a packed weight) gives the
+  original shape, scale, qtype and channel / tile layout."""
+  w = w.reshape(tuple(packed.shape[d] for d in perm))
+  w = jnp.transpose(w, np.argsort(perm))
+  storage = qt_lib.get_qtype(packed.qtype).storage_dtype
+  return QArray(w.astype(storage), packed.scale, None, packed.qtype,
+                packed.channel_axes, packed.tile_sizes, packed.dtype)
 
 
 def pack_weight(qw: QArray, dimension_numbers, x_ndim: int,

@@ -146,12 +146,7 @@ class PallasWeight:
     lay = self.layout
     w = kmm.unpack_int4_kn(self.data, self.plan.block_k) if \
         self.plan.packed else self.data                         # [K, N]
-    perm = lay.w_contract + lay.w_free
-    w = w.reshape(tuple(self.shape[d] for d in perm))
-    w = jnp.transpose(w, np.argsort(perm))
-    storage = qt_lib.get_qtype(self.qtype).storage_dtype
-    return QArray(w.astype(storage), self.scale, None, self.qtype,
-                  self.channel_axes, self.tile_sizes, self.dtype)
+    return xmm.qarray_from_layout(w, lay.w_contract + lay.w_free, self)
 
   def dequantize(self, dtype=None):
     return self.to_qarray().dequantize(dtype)
