@@ -237,6 +237,15 @@ def _cmd_inspect(args):
     print("(ops and tensors above: the first signature's subgraph)")
     for name, (ins, outs) in info.signatures.items():
       print(f"signature {name}: ({', '.join(ins)}) -> ({', '.join(outs)})")
+  try:   # which ops LiteRT's XNNPACK delegate leaves to the builtin kernels
+    delegation = info.delegation
+  except qlite.QliteError as e:
+    print(f"XNNPACK: not measured ({e})")
+  else:
+    print(delegation.summary())
+    if args.delegation:
+      for line in delegation.details():
+        print(f"  builtin {line}")
   if args.tensors:
     for t in info.tensors:
       q = "" if t.scale is None else (
@@ -348,9 +357,13 @@ def main(argv=None) -> int:
   t.add_argument("--no-progress", action="store_true",
                  help="do not print each export measured")
   t.set_defaults(func=_cmd_tune)
-  i = sub.add_parser("inspect", help="ops, dtypes, quantization of a .tflite")
+  i = sub.add_parser("inspect", help="ops, dtypes, quantization, XNNPACK "
+                     "delegation of a .tflite")
   i.add_argument("model")
   i.add_argument("--tensors", action="store_true", help="list every tensor")
+  i.add_argument("--delegation", action="store_true",
+                 help="list each op LiteRT's XNNPACK delegate leaves to the "
+                 "(slower) builtin kernels, with its tensors")
   i.set_defaults(func=_cmd_inspect)
   g = sub.add_parser("generate", help="generate tokens with a prefill + "
                      "decode LM .tflite (greedy, or sampling with a seed)")

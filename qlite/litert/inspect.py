@@ -1,5 +1,6 @@
-"""Read a ``.tflite`` flatbuffer: ops, tensors, dtypes, quantization, and
-whether the model is full-integer."""
+"""Read a ``.tflite`` flatbuffer: ops, tensors, dtypes, quantization,
+whether the model is full-integer, and which ops LiteRT's XNNPACK delegate
+leaves to the (slower) builtin kernels."""
 
 from __future__ import annotations
 
@@ -94,6 +95,10 @@ class TFLiteInfo:
       (e.g. ``{"prefill": (["tokens", "length", ...], ["logits", ...]),
       "decode": ...}`` for a multi-signature LM); the ops and tensors above
       are those of the first subgraph.
+    data: the flatbuffer's bytes (what :attr:`delegation` loads).
+    delegation: which ops XNNPACK runs and which it leaves to LiteRT's
+      builtin kernels (:class:`~qlite.litert.inspect.DelegationInfo`,
+      computed on first use).
 
   Example:
     >>> import jax, numpy as np, flax.linen as nn, qlite
@@ -116,6 +121,38 @@ class TFLiteInfo:
   outputs: list[int]
   float_ops: list[OpInfo]            # compute ops on float tensors
   signatures: dict = dataclasses.field(default_factory=dict)
+  # the flatbuffer, for :attr:`delegation` (None: built by hand)
+  data: bytes | None = dataclasses.field(default=None, repr=False,
+                                         compare=False)
+  _delegation: Any = dataclasses.field(default=None, init=False, repr=False,
+                                       compare=False)
+
+  @property
+  def delegation(self) -> "DelegationInfo":
+    """Which ops LiteRT's XNNPACK delegate runs and which it leaves to the
+    builtin kernels (:class:`DelegationInfo`).
+
+    Computed on first use (it loads the model in a LiteRT ``Interpreter``
+    with its default XNNPACK delegate, as a phone's CPU would run it), then
+    kept. XNNPACK silently leaves the ops it does not support in that form
+    (e.g. an int8 SOFTMAX, RSQRT, an int8 BATCH_MATMUL whose right-hand
+    side has a non-zero zero point) to LiteRT's builtin kernels, which can
+    be an order of magnitude slower.
+
+    Raises:
+      TFLiteFormatError: the info was not read from a model
+        (:attr:`data` is None).
+
+    Example:
+      >>> info.delegation.summary()   # info: the class example's
+      'XNNPACK: 3/3 ops delegated in 1 partition'
+    """
+    if self._delegation is None:
+      if self.data is None:
+        raise TFLiteFormatError("this TFLiteInfo holds no model bytes: "
+                                "use qlite.inspect_tflite(model).delegation")
+      self._delegation = xnnpack_delegation(self.data, info=self)
+    return self._delegation
 
   @property
   def op_histogram(self) -> dict[str, int]:
@@ -174,6 +211,172 @@ class TFLiteInfo:
       outs = ", ".join(self.tensors[i].name for i in op.outputs)
       lines.append(f"  float op: {op.name} -> {outs}")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DelegationInfo:
+  """How LiteRT's XNNPACK delegate splits a ``.tflite`` model: the ops it
+  runs (in partitions, one ``DELEGATE`` node each) and the ops it leaves to
+  LiteRT's builtin kernels.
+
+  What :attr:`TFLiteInfo.delegation` returns (first subgraph). XNNPACK
+  takes an op only in the forms it supports, and says nothing about the
+  others: the builtin kernels run them, often much slower (measured on
+  x86 with ai-edge-litert 2.3.0: an int8 BATCH_MATMUL whose right-hand
+  side has a non-zero zero point 1.79 ms vs 0.07 ms delegated at
+  6x196x196x64; an int8 SOFTMAX 0.47 ms vs 0.07 ms in float). Each
+  partition boundary also costs a hand-over between the two runtimes.
+
+  Attributes:
+    num_ops: the model's ops (subgraph 0, ``DELEGATE`` nodes not counted).
+    num_partitions: the XNNPACK partitions (``DELEGATE`` nodes).
+    builtin_ops: the :class:`OpInfo` of every op XNNPACK left to the
+      builtin kernels, in execution order; empty when fully delegated.
+    tensors: the model's tensors (:attr:`TFLiteInfo.tensors`), for
+      :meth:`details`.
+    error: why XNNPACK refused the whole model (it then runs on the builtin
+      kernels only), else None.
+
+  Example:
+    >>> d = qlite.inspect_tflite(blob).delegation   # blob: int8, softmax
+    >>> d.builtin_histogram, d.fully_delegated
+    ({'SOFTMAX': 1}, False)
+    >>> d.summary()
+    'XNNPACK: 4/5 ops delegated in 2 partitions; builtin: SOFTMAX x1'
+  """
+  num_ops: int
+  num_partitions: int
+  builtin_ops: list[OpInfo]
+  tensors: list[TensorInfo] = dataclasses.field(default_factory=list,
+                                                repr=False)
+  error: str | None = None
+
+  @property
+  def num_delegated(self) -> int:
+    """How many ops XNNPACK runs."""
+    return self.num_ops - len(self.builtin_ops)
+
+  @property
+  def fully_delegated(self) -> bool:
+    """True when XNNPACK runs every op."""
+    return not self.builtin_ops and self.error is None
+
+  @property
+  def builtin_histogram(self) -> dict[str, int]:
+    """``{op name: count}`` of :attr:`builtin_ops`, most frequent first."""
+    return dict(collections.Counter(
+        op.name for op in self.builtin_ops).most_common())
+
+  def summary(self) -> str:
+    """One line, e.g. ``"XNNPACK: 506/559 ops delegated in 54 partitions;
+    builtin: RSQRT x25, SOFTMAX x12"``."""
+    part = "partition" if self.num_partitions == 1 else "partitions"
+    line = (f"XNNPACK: {self.num_delegated}/{self.num_ops} ops delegated in "
+            f"{self.num_partitions} {part}")
+    if self.error is not None:
+      line += f" (XNNPACK refused the model: {self.error.strip()[:200]})"
+    if self.builtin_ops:
+      line += "; builtin: " + ", ".join(
+          f"{k} x{v}" for k, v in self.builtin_histogram.items())
+    return line
+
+  def details(self) -> list[str]:
+    """One line per op left to the builtin kernels: its index, name and its
+    input / output tensors (name, dtype, shape, zero point and scale of a
+    per-tensor quantized one), e.g. ``"op 3 SOFTMAX: in INT8[1,2,8,8] zp -5
+    s 0.0913 'jit(f)/dot_general' -> out INT8[1,2,8,8] zp -128 s 0.0039
+    'jit(f)/composite2'"``."""
+    return [f"op {op.index} {op.name}: in "
+            + ", ".join(self._tensor(i) for i in op.inputs if i >= 0)
+            + " -> out " + ", ".join(self._tensor(i) for i in op.outputs)
+            for op in self.builtin_ops]
+
+  def _tensor(self, i: int) -> str:
+    if i >= len(self.tensors):
+      return f"#{i}"
+    t = self.tensors[i]
+    q = ""
+    if t.scale is not None and t.scale.size == 1:
+      q = f" zp {int(t.zero_point[0])} s {float(t.scale[0]):.3g}"
+    elif t.scale is not None:
+      q = f" per-channel[{t.scale.size}]"
+    const = " const" if t.is_constant else ""
+    return (f"{t.dtype}[{','.join(str(d) for d in t.shape)}]{q}{const} "
+            f"{t.name!r}")
+
+
+def xnnpack_delegation(model: Any, info: "TFLiteInfo | None" = None
+                       ) -> DelegationInfo:
+  """Which ops of a ``.tflite`` model LiteRT's XNNPACK delegate runs.
+
+  Loads the model in an ``ai_edge_litert`` ``Interpreter`` with its default
+  delegate (XNNPACK) and reads its nodes: each partition XNNPACK takes is
+  one ``DELEGATE`` node; walking back from a ``DELEGATE`` node's outputs to
+  its inputs through the ops producing them gives the ops it replaced.
+  Every other op runs on LiteRT's builtin kernels.
+
+  Args:
+    model: a path or the bytes of a ``.tflite`` file.
+    info: the model's :class:`TFLiteInfo` when already read (its ops and
+      tensors name the builtin ops).
+
+  Returns:
+    A :class:`DelegationInfo` (what :attr:`TFLiteInfo.delegation` returns).
+
+  Raises:
+    TFLiteFormatError: as :func:`inspect_tflite`, or LiteRT cannot load the
+      model even without XNNPACK.
+  """
+  import warnings
+  from ai_edge_litert.interpreter import Interpreter, OpResolverType
+  data = _read_bytes(model)
+  if info is None:
+    info = inspect_tflite(data)
+  error = None
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+      it = Interpreter(model_content=data, num_threads=1)
+      it.allocate_tensors()
+    except (RuntimeError, ValueError) as e:
+      # XNNPACK refuses some degenerate shapes (TFLiteRunner falls back to
+      # the builtin kernels as well).
+      error = str(e)
+      try:
+        it = Interpreter(
+            model_content=data, num_threads=1,
+            experimental_op_resolver_type=(
+                OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        it.allocate_tensors()
+      except (RuntimeError, ValueError) as e2:
+        raise TFLiteFormatError(f"LiteRT cannot load the model: {e2}") \
+            from None
+    nodes = it._get_ops_details()
+  delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+  ops = {int(n["index"]): n for n in nodes if n["op_name"] != "DELEGATE"}
+  producer = {int(t): i for i, n in ops.items() for t in n["outputs"]}
+  covered: set[int] = set()
+  for d in delegates:
+    boundary = {int(t) for t in d["inputs"]}
+    stack = [producer[int(t)] for t in d["outputs"] if int(t) in producer]
+    while stack:
+      i = stack.pop()
+      if i in covered:
+        continue
+      covered.add(i)
+      stack.extend(producer[int(t)] for t in ops[i]["inputs"]
+                   if int(t) >= 0 and int(t) not in boundary
+                   and int(t) in producer)
+  builtin = []
+  for i in sorted(set(ops) - covered):
+    n = ops[i]
+    op = info.ops[i] if i < len(info.ops) else None
+    if op is None or op.name.split(":")[0] != n["op_name"]:
+      op = OpInfo(i, n["op_name"], tuple(int(t) for t in n["inputs"]),
+                  tuple(int(t) for t in n["outputs"]))
+    builtin.append(op)
+  return DelegationInfo(len(ops), len(delegates), builtin, info.tensors,
+                        error)
 
 
 def _enum_names(cls) -> dict[int, str]:
@@ -276,7 +479,7 @@ def inspect_tflite(model: Any) -> TFLiteInfo:
         from None
   float_ops = _float_ops(ops, tensors, set(inputs), set(outputs))
   return TFLiteInfo(len(data), ops, tensors, inputs, outputs, float_ops,
-                    signatures)
+                    signatures, data)
 
 
 def _signature_defs(m) -> dict:
