@@ -127,7 +127,10 @@ class QatProvider(Provider):
           lo = jnp.where(seen, jnp.minimum(lo, o["min"]), lo)
           hi = jnp.where(seen, jnp.maximum(hi, o["max"]), hi)
       s, z = numerics.scale_zero_point(lo, hi, b.rule.act_qtype,
-                                       symmetric=False, narrow_range=False)
+                                       symmetric=b.zero_point_zero or any(
+                                           o.zero_point_zero
+                                           for o in b.shares_with),
+                                       narrow_range=False)
       return fake_quant_ste(val, s, z, b.rule.act_qtype)
 
     def weight(spec, w):

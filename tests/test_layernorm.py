@@ -132,8 +132,10 @@ def _evaluate(name: str, rewrite: bool, monkeypatch):
 
 # Measured (qlite zoo, minmax): flax form -> qlite form, dB.
 # transformer/linen 29.9 -> 30.2, transformer/nnx 27.1 -> 30.2,
-# mlp_mixer/linen 30.5 -> 35.6, mlp_mixer/nnx 31.7 -> 33.0.
-@pytest.mark.parametrize("name,gain", [("transformer/nnx", 2.5),
+# mlp_mixer/linen 30.5 -> 35.6, mlp_mixer/nnx 31.7 -> 33.0; with attention's
+# right-hand sides at zero point 0 (XNNPACK's int8 BATCH_MATMUL):
+# transformer/nnx 27.5 -> 29.6.
+@pytest.mark.parametrize("name,gain", [("transformer/nnx", 1.8),
                                        ("mlp_mixer/linen", 4.0)])
 def test_layernorm_form_raises_zoo_sqnr_full_integer(name, gain,
                                                      monkeypatch):

@@ -119,6 +119,21 @@ class OpHandler:
     multiplication by the quantized reciprocal)."""
     return []
 
+  def zero_point_operands(self, node, ctx: PlanContext) -> tuple[int, ...]:
+    """Activation operands LiteRT wants at zero point 0 (symmetric int8):
+    the value is quantized symmetric, at any scale its range needs."""
+    return ()
+
+  def swap_operand(self, node, i: int) -> int | None:
+    """The operand that can take operand ``i``'s place (the op computed by
+    :meth:`lower_swapped`), or None."""
+    return None
+
+  def lower_swapped(self, node, invals: list) -> list:
+    """The op's outputs computed with the operands :meth:`swap_operand`
+    names swapped."""
+    raise NotImplementedError(node.name)
+
   def quantizes_without_float_output(self, node) -> bool:
     """True for ops with a non-float output (comparisons) whose constant
     operands are still quantized."""

@@ -47,6 +47,10 @@ class Boundary:
   # The mask bias added to the logits instead (``where(mask, 0, fill)``):
   # range (lo - hi - margin, 0) of ``derived_from``'s (lo, hi).
   derived_offset: bool = False
+  # An op reading this value wants zero point 0 (the right-hand side of a
+  # product of two activations, ``OpHandler.zero_point_operands``): the
+  # value is quantized symmetric, with the boundaries it shares a range with.
+  zero_point_zero: bool = False
 
   @property
   def calibrated(self) -> bool:
@@ -101,6 +105,10 @@ class Plan:
     lookups: float values computed from one bounded integer, by node (the
       converted model reads them from a table).
     probes: integer vars whose range calibration records, by stats key.
+    swapped: products of two activations whose right-hand side has a
+      fixed range (a softmax's probabilities): LiteRT computes them with
+      the operands swapped (``OpHandler.lower_swapped``), so that the other
+      operand, quantized at zero point 0, is the kernel's right-hand side.
   """
   boundaries: dict[int, Boundary]          # var -> boundary, in graph order
   weights: dict[tuple[int, int], WeightSpec]
@@ -113,6 +121,7 @@ class Plan:
   # integer var -> the stats key calibration records its range under (the
   # regions the graph does not bound).
   probes: dict[int, str] = dataclasses.field(default_factory=dict)
+  swapped: set[int] = dataclasses.field(default_factory=set)
 
   def boundary_by_key(self) -> dict[str, Boundary]:
     """The boundaries by stats key (``"Dense_0/dot_general"``)."""
@@ -220,6 +229,7 @@ class _Planner:
     self.boundaries: dict[int, Boundary] = {}
     # select output -> (masked value var, margin)
     self.masked: dict[int, tuple[int, float]] = {}
+    self.swapped: set[int] = set()
     # mask bias var -> (the logits var it is added to, margin)
     self.mask_bias: dict[int, tuple[int, float]] = {}
     regions = int_lookup.find_regions(
@@ -279,12 +289,13 @@ class _Planner:
     self._input_boundaries()
     self._rounding()
     self._derive_masked()
+    self._zero_points()
     _share_scales(self.graph, self.boundaries, self.quantized - self.fused,
                   {s.index: self.graph.nodes[c]
                    for c, s in self.sum_scale.items()}, self.ctx)
     ordered = dict(sorted(self.boundaries.items(), key=lambda kv: kv[0]))
     return Plan(ordered, self.weights, self.consts, self.quantized,
-                self.fused, self.lookups, self.probes)
+                self.fused, self.lookups, self.probes, self.swapped)
 
   def _visit(self, node: Node) -> None:
     graph, handler = self.graph, self.registry[node.name]
@@ -442,6 +453,28 @@ class _Planner:
       for key, spec in list(self.consts.items()):
         if spec.node == select.index:
           self.consts[key] = dataclasses.replace(spec, clamp_to=bias)
+
+  def _zero_points(self) -> None:
+    """Marks the calibrated boundaries an op reads at zero point 0; an
+    operand with a fixed range (a softmax's) swaps places with the other
+    operand when the op can compute with them swapped."""
+    for node in self.graph.nodes:
+      if node.index not in self.quantized or node.index in self.fused:
+        continue
+      handler = self.registry[node.name]
+      for i in handler.zero_point_operands(node, self.ctx):
+        b = self.boundaries.get(
+            scale_source(self.graph, node.inputs[i], self.registry))
+        if b is not None and b.fixed_range is not None:
+          j = handler.swap_operand(node, i)
+          other = None if j is None else self.boundaries.get(
+              scale_source(self.graph, node.inputs[j], self.registry))
+          if other is not None and other.fixed_range is None:
+            self.swapped.add(node.index)
+            b = other
+        if b is not None and b.fixed_range is None:
+          self.boundaries[b.var] = dataclasses.replace(b,
+                                                       zero_point_zero=True)
 
   def _rounding(self) -> None:
     for scale_index, summed in self.sum_scale.items():

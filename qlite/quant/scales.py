@@ -96,9 +96,18 @@ def boundary_scale(b, stats: QuantStats | None):
     # weight scale)) overflow in LiteRT. Use a unit-wide range.
     hi = lo + 1.0
   s, z = numerics.scale_zero_point(np.float32(lo), np.float32(hi), qt,
-                                   symmetric=symmetric_acts(qt),
+                                   symmetric=boundary_symmetric(b),
                                    narrow_range=False)
   return np.asarray(s, np.float32).reshape(-1), np.asarray(z, np.int64).reshape(-1)
+
+
+def boundary_symmetric(b) -> bool:
+  """True when boundary ``b`` is quantized symmetric (zero point 0): an
+  int16 boundary (:func:`symmetric_acts`), or one that an op (or a boundary
+  it shares a range with) reads at zero point 0 (``Boundary.zero_point_zero``:
+  the right-hand side of a product of two activations)."""
+  return symmetric_acts(b.rule.act_qtype) or b.zero_point_zero or any(
+      o.zero_point_zero for o in b.shares_with)
 
 
 def symmetric_acts(qtype) -> bool:
