@@ -238,11 +238,14 @@ class DelegationInfo:
       kernels only), else None.
 
   Example:
-    >>> d = qlite.inspect_tflite(blob).delegation   # blob: int8, softmax
+    >>> # blob: int8 attention logits q @ k^T then a softmax
+    >>> d = qlite.inspect_tflite(blob).delegation
     >>> d.builtin_histogram, d.fully_delegated
     ({'SOFTMAX': 1}, False)
     >>> d.summary()
-    'XNNPACK: 4/5 ops delegated in 2 partitions; builtin: SOFTMAX x1'
+    'XNNPACK: 9/10 ops delegated in 2 partitions; builtin: SOFTMAX x1'
+    >>> d.details()
+    ["op 8 SOFTMAX: in INT8[1,2,8,8] zp -23 s 0.0525 'jit(f)/bqhd,bkhd->bhqk/dot_general4' -> out INT8[1,2,8,8] zp -128 s 0.00391 'jit(f)/composite1'"]
   """
   num_ops: int
   num_partitions: int
@@ -283,9 +286,8 @@ class DelegationInfo:
   def details(self) -> list[str]:
     """One line per op left to the builtin kernels: its index, name and its
     input / output tensors (name, dtype, shape, zero point and scale of a
-    per-tensor quantized one), e.g. ``"op 3 SOFTMAX: in INT8[1,2,8,8] zp -5
-    s 0.0913 'jit(f)/dot_general' -> out INT8[1,2,8,8] zp -128 s 0.0039
-    'jit(f)/composite2'"``."""
+    per-tensor quantized one; ``const`` for weights), as in the class
+    example."""
     return [f"op {op.index} {op.name}: in "
             + ", ".join(self._tensor(i) for i in op.inputs if i >= 0)
             + " -> out " + ", ".join(self._tensor(i) for i in op.outputs)
