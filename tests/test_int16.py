@@ -230,6 +230,26 @@ def test_mixed_int16_masked_select_reads_its_output_scale():
   assert db >= 30.0 and db >= db8 - 0.5, (db8, db)     # ~36.7, int8 ~35.2
 
 
+@pytest.mark.parametrize("rule_path", ["attn/logits", "inp|attn/logits"])
+def test_mixed_int8_masked_select_of_int16_logits(rule_path):
+  """The reverse mix: int16 logits into an int8 masked select. The logits
+  are requantized straight to the int8 SELECT's output scale; before, the
+  export failed with the converter's raw 'tfl.select' same scale error."""
+  rng = np.random.default_rng(0)
+  calib = [rng.normal(size=(2, 8, 12)).astype(np.float32) for _ in range(3)]
+  held = rng.normal(size=(2, 8, 12)).astype(np.float32)
+  rules = [Rule(module_path=rule_path, act_qtype="int16"), Rule()]
+  blob, db = _export(MaskedModel(), rules, calib, held)
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer
+  sel = next(o for o in info.ops if o.name == "SELECT")
+  tensors = [info.tensor(i) for i in list(sel.inputs[1:]) + list(sel.outputs)]
+  assert {t.dtype for t in tensors} == {"INT8"}
+  assert len({float(t.scale[0]) for t in tensors}) == 1
+  _, db8 = _export(MaskedModel(), [Rule()], calib, held)
+  assert db >= db8 - 0.5, (db8, db)     # 35.2 / 35.6, int8 35.2
+
+
 BENCH = ["digits_cnn", "mobilenet_v2", "resnet"]
 
 

@@ -464,13 +464,15 @@ def _requantized_operands(graph, plan, matcher) -> dict[int, list]:
   op's qtype right before it (the converter emits a QUANTIZE int16 <->
   int8), from the same calibrated range, or at the scale of ``target``
   (the op's output var) for an op whose kernel reads its inputs at its
-  output's scale (concatenate, max...), and for an int16 masked select
-  (``where(mask, logits, fill)`` before a softmax, qlite.ops.masking): its
-  output takes the logits' range widened below (not the 2x int16 margin),
-  and litert-converter refuses a 16x8 SELECT whose requantized operand is
-  at another scale ('tfl.select' op quantization parameters violate the
-  same scale constraint); requantizing the int8 logits straight to the
-  select's output scale is what that SELECT reads anyway."""
+  output's scale (concatenate, max...), and for a masked select
+  (``where(mask, logits, fill)`` before a softmax, qlite.ops.masking) of
+  the other qtype's logits: its output takes the logits' range widened
+  below (for int16 without the 2x margin), and litert-converter refuses an
+  int8 or 16x8 SELECT whose requantized operand is at another scale
+  ('tfl.select' op quantization parameters violate the same scale
+  constraint); requantizing the logits straight to the select's output
+  scale is what that SELECT reads anyway (int8 logits into an int16
+  select, and int16 logits into an int8 one)."""
   out: dict[int, list] = {}
   qtypes = {b.rule.act_qtype for b in plan.boundaries.values()}
   if len(qtypes) < 2:
@@ -489,7 +491,6 @@ def _requantized_operands(graph, plan, matcher) -> dict[int, list]:
         own.rule.act_qtype == m[1].act_qtype and (
             type(handler).same_scale_output is not
             ops.base.OpHandler.same_scale_output or (
-                symmetric_acts(own.rule.act_qtype) and
                 own.derived_from is not None and
                 not own.derived_offset)) else None
     for i, a in enumerate(node.inputs):
