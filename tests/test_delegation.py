@@ -2,6 +2,9 @@
 runs and which it leaves to the builtin kernels (read from the interpreter's
 DELEGATE nodes), and the line `qlite inspect` prints."""
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,3 +106,21 @@ def test_hand_built_info_has_no_delegation():
   info = qlite.TFLiteInfo(0, [], [], [], [], [])
   with pytest.raises(qlite.QliteError, match="no model bytes"):
     info.delegation
+
+
+def test_bench_times_every_blob_in_each_round(softmax_blob):
+  """bench/real_size.py's interleaved timing: every blob gets its runs,
+  spread over the rounds; a blob slower than the budget gets min_runs,
+  one per round."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+  import real_size
+  blobs = {"int8": softmax_blob,
+           "float": _export(softmax=True, float_model=True)}
+  out = real_size.interleaved_latency_ms(blobs, 1, runs=7, rounds=3,
+                                         log=lambda s: None)
+  assert [(v["runs"], len(v["rounds"])) for v in out.values()] == [(7, 3)] * 2
+  for v in out.values():
+    assert min(v["rounds"]) <= v["ms"] <= max(v["rounds"]) and v["ms"] > 0
+  out = real_size.interleaved_latency_ms(blobs, 2, budget_s=0.0, min_runs=3,
+                                         rounds=5, log=lambda s: None)
+  assert [(v["runs"], len(v["rounds"])) for v in out.values()] == [(3, 3)] * 2
