@@ -233,10 +233,6 @@ def _cmd_inspect(args):
   import qlite
   info = qlite.inspect_tflite(args.model)
   print(info.summary())
-  if len(info.signatures) > 1:
-    print("(ops and tensors above: the first signature's subgraph)")
-    for name, (ins, outs) in info.signatures.items():
-      print(f"signature {name}: ({', '.join(ins)}) -> ({', '.join(outs)})")
   try:   # which ops LiteRT's XNNPACK delegate leaves to the builtin kernels
     delegation = info.delegation
   except qlite.QliteError as e:
@@ -246,6 +242,10 @@ def _cmd_inspect(args):
     if args.delegation:
       for line in delegation.details():
         print(f"  builtin {line}")
+  if len(info.signatures) > 1:
+    print("(ops and tensors above: the first signature's subgraph)")
+    for name, (ins, outs) in info.signatures.items():
+      print(f"signature {name}: ({', '.join(ins)}) -> ({', '.join(outs)})")
   if args.tensors:
     for t in info.tensors:
       q = "" if t.scale is None else (
