@@ -1,4 +1,4 @@
-"""qlite.autotune on zoo models: promote the fewest modules to int16
+"""qlite.autotune on zoo models: promote the fewest boundaries to int16
 (LiteRT 16x8) until LiteRT reaches 35 dB vs float on held-out batches.
 Records base / final SQNR, the modules and share of boundaries promoted,
 and the size and LiteRT latency cost.
@@ -6,6 +6,7 @@ and the size and LiteRT latency cost.
     python bench/autotune.py                 # writes bench/RESULTS_autotune.md
     python bench/autotune.py mlp_mixer       # one model, no file
     python bench/autotune.py resnet50_64     # appends ResNet-50 64x64
+    python bench/autotune.py transformer:0.2 # at most 20 % of boundaries
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def resnet50_64():
   return m, v, calib, held
 
 
-def measure(name: str) -> dict:
+def measure(spec: str) -> dict:
+  """``name`` or ``name:max_fraction``."""
+  name, _, frac = spec.partition(":")
+  max_fraction = float(frac) if frac else None
   if name == "resnet50_64":
     model, variables, calib, held = resnet50_64()
   else:
@@ -68,23 +72,27 @@ def measure(name: str) -> dict:
   t0 = time.perf_counter()
   rules, stats, report = qlite.autotune(
       model, [qlite.QuantizationRule()], calib, variables=variables,
-      target_sqnr_db=TARGET, eval_batches=held, progress=True)
+      target_sqnr_db=TARGET, eval_batches=held, max_fraction=max_fraction,
+      progress=True)
   secs = time.perf_counter() - t0
   print(report, flush=True)
-  return dict(model=name, report=report, secs=secs)
+  label = name if max_fraction is None else \
+      f"{name} (max_fraction {max_fraction:g})"
+  return dict(model=label, report=report, secs=secs)
 
 
 def table(rows) -> str:
-  lines = ["| model | int8 dB | tuned dB | reached | promoted modules | "
-           "boundaries promoted | size int8 -> tuned | LiteRT latency int8 "
+  lines = ["| model | int8 dB | tuned dB | reached | boundaries promoted | "
+           "op groups (modules) | size int8 -> tuned | LiteRT latency int8 "
            "-> tuned (1 thread) | exports | time s |",
            "|" + "---|" * 10]
   for r in rows:
     rep = r["report"]
     lines.append(
         f"| {r['model']} | {rep.base_sqnr_db:.1f} | {rep.final_sqnr_db:.1f} "
-        f"| {rep.reached} | {len(rep.promoted)} | {rep.boundaries_promoted}/"
-        f"{rep.boundaries} ({100 * rep.fraction_promoted:.1f} %) | "
+        f"| {rep.reached} | {rep.boundaries_promoted}/{rep.boundaries} "
+        f"({100 * rep.fraction_promoted:.1f} %) | {len(rep.promoted)} "
+        f"({len(rep.modules)}) | "
         f"{rep.base_size / 1024:.0f} -> {rep.final_size / 1024:.0f} KiB | "
         f"{rep.base_latency_ms:.3f} -> {rep.final_latency_ms:.3f} ms | "
         f"{len(rep.steps) + 1} | {r['secs']:.0f} |")
@@ -94,8 +102,8 @@ def table(rows) -> str:
 def main(argv=None) -> int:
   names = list(argv if argv is not None else sys.argv[1:])
   write = not names
-  rows = [measure(n) for n in (names or ["transformer", "mlp_mixer",
-                                         "resnet"])]
+  rows = [measure(n) for n in (names or ["transformer", "transformer:0.2",
+                                         "mlp_mixer", "resnet"])]
   text = table(rows)
   print(text)
   if names == ["resnet50_64"]:     # appended to the default run's file
