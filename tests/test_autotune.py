@@ -146,6 +146,26 @@ def test_autotune_drops_the_module_a_failed_export_names(monkeypatch):
   assert all(r.module_path != "Dense_0" for r in rules)
 
 
+def test_autotune_float_candidates():
+  """With only float allowed, a float module reaches the target; the
+  returned stats and rules export it (strict=False: a float island)."""
+  m = Small()
+  v = m.init(jax.random.key(0), BATCHES[0][:1])
+  rules, stats, report = autotune(m, [Rule()], BATCHES, variables=v,
+                                  target_sqnr_db=38.0, eval_batches=HELD,
+                                  candidates=("float",), allow_float=True)
+  assert report.base_sqnr_db < 38.0 <= report.final_sqnr_db
+  assert report.reached and report.promoted
+  assert all(q == "float" for _, _, q, _ in report.promoted)
+  assert all(r.act_qtype is None and r.weight_qtype is None
+             for r in rules[:-1])
+  with pytest.warns(UserWarning, match="not full-integer"):
+    blob = qlite.export_tflite(m, rules, stats, BATCHES[0][:1], variables=v,
+                               strict=False)
+  assert _litert_sqnr(m, v, blob) == pytest.approx(report.final_sqnr_db,
+                                                   abs=0.01)
+
+
 def test_culprit_module_of_a_named_error():
   assert autotune_mod._culprit_module(
       "op `gather` in module `layer1/attn` (x.py:3) runs at int16") == \
@@ -198,3 +218,23 @@ def test_qlite_tune_cli(tmp_path, monkeypatch, capsys):
   assert "target 10.0 dB reached" in text
   assert "promoted 0/" in text
   assert qlite.inspect_tflite(out.read_bytes()).full_integer
+
+
+@pytest.mark.slow
+def test_autotune_zoo_causal_lm_exports_every_trial():
+  """The zoo causal LM (rotary sin / cos tables: GATHER, no 16x8 kernel)
+  used to fail trials with a raw converter error on an int16 GATHER_ND;
+  now every trial exports and 25 dB is reached (20.6 dB int8)."""
+  from qlite.zoo import registry
+  z = registry.get("causal_lm/linen")
+  rules, stats, report = qlite.autotune(
+      z.model, [Rule()], z.batches, variables=z.variables,
+      target_sqnr_db=25.0)
+  assert report.reached and report.final_sqnr_db >= 25.0
+  assert report.base_sqnr_db < 25.0
+  assert report.steps and all(s.error is None for s in report.steps)
+  assert not report.skipped
+  blob = qlite.export_tflite(z.model, rules, stats,
+                             autotune_mod._rows(z.batches[:1])[0],
+                             variables=z.variables)
+  assert qlite.inspect_tflite(blob).full_integer

@@ -440,9 +440,11 @@ def _group_rule(group: Group, qtype: str,
   weight / calibration options kept), or float activations and weights."""
   path, op = group
   exact = re.escape(path)
-  if qtype == FLOAT:
-    return QuantizationRule(module_path=exact, op_names=(op,),
-                            act_qtype=None, weight_qtype=None)
+  if qtype == FLOAT:       # a float island is a whole module (ops of one
+    # module at float and int8 side by side can leave an op no export
+    # handles)
+    return QuantizationRule(module_path=exact, act_qtype=None,
+                            weight_qtype=None)
   m = RuleMatcher(rules).match(path, op)
   if m is None or m[1].act_qtype is None:
     return QuantizationRule(module_path=exact, op_names=(op,),
@@ -496,10 +498,11 @@ class _Search:
     self._lazy = False
     self._all_groups: list[Group] = []
     self.path: list[dict[Group, str]] = []   # the state after each step
+    self.last_move: list[Group] = []
 
   def rules_for(self, state: dict[Group, str]) -> list[QuantizationRule]:
-    return [_group_rule(g, q, self.rules) for g, q in state.items()] + \
-        self.rules
+    out = [_group_rule(g, q, self.rules) for g, q in state.items()]
+    return list(dict.fromkeys(out)) + self.rules
 
   def score(self, state: dict[Group, str]) -> _Score | None:
     key = frozenset(state.items())
@@ -556,6 +559,7 @@ class _Search:
       if best is None:
         break
       _, new, s = best
+      self.last_move = list(new)
       for g in new:
         self.state.pop(g, None)
         self.state[g] = qtype
@@ -675,7 +679,8 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
 
   Returns:
     ``(rules, stats, report)``: the promoted rules followed by ``rules``,
-    the calibration stats (valid for both), and an :class:`AutotuneReport`
+    the calibration stats of the returned rules (also valid for ``rules``
+    when no module went float), and an :class:`AutotuneReport`
     (promoted op groups, SQNR, size and LiteRT latency cost). When the
     target cannot be reached the rules of the best export are returned and
     ``report.reached`` is False.
@@ -719,11 +724,27 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
   stats = calibrate(model, rules, batches, variables=variables,
                     method=method, progress=False)
 
-  def export(rs, strict=True) -> bytes:
+  float_stats: dict[frozenset, Any] = {}
+
+  def stats_for(state) -> Any:
+    """The calibration stats of ``state``'s rules: the starting rules'
+    for int16 promotions (the same boundaries), a calibration of their own
+    with a float module (its boundaries move: e.g. a bias add no longer
+    fused into its float matmul)."""
+    if all(q != FLOAT for q in state.values()):
+      return stats
+    key = frozenset(state.items())
+    if key not in float_stats:
+      float_stats[key] = calibrate(model, search.rules_for(state), batches,
+                                   variables=variables, method=method,
+                                   progress=False)
+    return float_stats[key]
+
+  def export(rs, strict=True, state=None) -> bytes:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      return export_tflite(model, rs, stats, example, variables=variables,
-                           strict=strict)
+      return export_tflite(model, rs, stats_for(state or {}), example,
+                           variables=variables, strict=strict)
 
   base_blob = export(rules)
   base_sqnr = ev.sqnr(base_blob)
@@ -760,10 +781,9 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
             (b.module_path, b.op) for b in mix.bs
             if b.op != "input" and b.rule.act_qtype is not None))
         search._all_groups = list(dict.fromkeys(groups + allowed))
-        moves = sorted({frozenset([g]) for g in allowed} |
-                       {frozenset(g for g in allowed if g[0] == p)
-                        for p, _ in allowed}, key=lambda m: (len(m),
-                                                             sorted(m)))
+        moves = sorted({frozenset(g for g in allowed if g[0] == p)
+                        for p, _ in allowed},
+                       key=lambda m: (len(m), sorted(m)))
       goal = float(target_sqnr_db)
       lowered = False
       exported: set[frozenset] = set()
@@ -777,7 +797,8 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         exports += 1
         strict = all(q != FLOAT for q in search.state.values())
         try:
-          blob = export(search.rules_for(search.state), strict=strict)
+          blob = export(search.rules_for(search.state), strict=strict,
+                        state=search.state)
           lite = ev.sqnr(blob)
           steps.append(Step(s.promoted, lite, None, s.sqnr_db))
         except QliteError as e:
@@ -786,8 +807,10 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
           culprit = _culprit_module(str(e))
           dropped = search.drop_module(culprit) if culprit is not None \
               else []
-          if not dropped:         # unnamed: the last group added
-            dropped = search.drop([list(search.state)[-1]])
+          if not dropped:         # unnamed: the last move's groups
+            dropped = search.drop([g for g in search.last_move
+                                   if g in search.state] or
+                                  [list(search.state)[-1]])
           skipped += [(_name(g), msg) for g in dropped]
           say(f"autotune: export failed ({msg}); dropped "
               f"{', '.join(_name(g) for g in dropped)}")
@@ -811,11 +834,17 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
       if best[1] >= target_sqnr_db:
         # the search's earlier (smaller) states, bisected by LiteRT: the
         # fake-quant model can be pessimistic (e.g. LiteRT's int8 mean)
+        # (only states the largest LiteRT - fake-quant gap measured so far
+        # could lift to the target)
         n_best = search.score(best[0]).promoted
+        gap = max([base_sqnr - search.score({}).sqnr_db] +
+                  [st.sqnr_db - st.predicted_db for st in steps
+                   if st.error is None and st.predicted_db is not None])
         path = [st for st in search.path
                 if not (set(st) & search.banned) and
                 search.score(st) is not None and
-                search.score(st).promoted < n_best]
+                search.score(st).promoted < n_best and
+                search.score(st).sqnr_db + gap + 0.25 >= target_sqnr_db]
         lo, hi = -1, len(path)
         while hi - lo > 1 and exports < max_exports:
           mid = (lo + hi) // 2
@@ -824,7 +853,8 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
           s = search.score(st)
           try:
             blob = export(search.rules_for(st),
-                          strict=all(q != FLOAT for q in st.values()))
+                          strict=all(q != FLOAT for q in st.values()),
+                          state=st)
             lite = ev.sqnr(blob)
           except QliteError as e:
             steps.append(Step(s.promoted, -np.inf, str(e).split("\n")[0],
@@ -845,6 +875,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
 
   state, final_sqnr, final_blob, predicted = best
   final_rules = search.rules_for(state) if state else list(rules)
+  final_stats = stats_for(state) if state else stats
   promoted_n = search.score(state).promoted if state else 0
   out = AutotuneReport(
       target_sqnr_db=float(target_sqnr_db),
@@ -858,4 +889,4 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
       final_latency_ms=ev.latency_ms(final_blob),
       latency_threads=latency_threads, steps=steps, skipped=skipped,
       predicted_sqnr_db=predicted)
-  return final_rules, stats, out
+  return final_rules, final_stats, out
