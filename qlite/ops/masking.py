@@ -43,8 +43,11 @@ def constant_value(ctx, a):
 
 
 def feeds_softmax(ctx, var: int) -> bool:
+  from qlite.ops import softmax       # (imports qlite.ops.base too)
   graph = ctx.graph
   for _ in range(16):
+    if softmax.is_exp_form_input(graph, var):  # a long softmax's exp form
+      return True
     cons = graph.consumers.get(var, [])
     if len(cons) != 1 or var in graph.out_vars:
       return False

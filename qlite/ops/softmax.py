@@ -5,6 +5,12 @@
 composite, which the converter lowers to one SOFTMAX; other axes, ``where=``
 masks and 0-d inputs run jax's code. The outputs get LiteRT's fixed ranges:
 softmax / logistic scale 1/256 zero point -128, tanh scale 1/128 zero point 0.
+
+A softmax over a long axis (more than ``SOFTMAX_EXP_ABOVE`` entries)
+instead traces as ``e * (1 / sum(e))`` with ``e = exp(x - max(x))``
+(REDUCE_MAX, SUB, EXP, SUM, RSQRT, MUL, all int8): its probabilities then
+get a calibrated output scale instead of SOFTMAX's fixed 1/256, which is
+coarser than the mean probability ``1 / n`` of an ``n``-long row.
 """
 
 from __future__ import annotations
@@ -14,6 +20,17 @@ from qlite.ops._composite import rank_polymorphic
 from qlite.trace import intercept
 
 import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows longer than this use the exp / sum form (module docstring): there the
+# mean probability 1/n is under 2 steps of the int8 SOFTMAX kernel's fixed
+# output scale 1/256. Measured (LiteRT int8 vs float, held-out data,
+# bench/RESULTS_ptq.md "softmax form"): ViT-S/16, 196 tokens, 23.8 -> 26.7
+# dB; rows of 4 to 128 entries (zoo / bench transformers, causal LMs, MoE
+# router, BERT-style encoders) lose 0.02 to 0.5 dB with it, so they keep
+# SOFTMAX.
+SOFTMAX_EXP_ABOVE = 128
 
 # (lo, hi) so that asymmetric int8 gives LiteRT's required scale / zero point.
 FIXED_RANGES = {
@@ -49,12 +66,60 @@ def _softmax_last(v):
 _softmax_composite = rank_polymorphic("odml.softmax", _softmax_last)
 
 
+# The exp / sum form clamps ``x - max(x)`` at -EXP_FLOOR: the weights it
+# changes are below exp(-16) = 1.1e-7 of the largest (float softmax within
+# 1e-7 * n), far below one step of the int8 ``exp`` output (1/255), and an
+# attention mask's fill (-1e9, -inf) stays out of the int8 ranges after the
+# select (qlite.ops.masking gives the select the logits' range).
+EXP_FLOOR = 16.0
+
+
+def softmax_exp(x):
+  """Softmax over the last axis as ``e * (1 / sum(e))``, ``e = exp(max(x,
+  m - EXP_FLOOR) - m)``, ``m = max(x)``; the reciprocal is ``rsqrt(sum) **
+  2`` (one int8 RSQRT on the row sums: LiteRT's int8 DIV is unreliable)."""
+  m = jnp.max(x, axis=-1, keepdims=True)
+  e = jnp.exp(jnp.maximum(x, m - EXP_FLOOR) - m)
+  r = lax.rsqrt(jnp.sum(e, axis=-1, keepdims=True))
+  return e * (r * r)
+
+
+def is_exp_form_input(graph, var) -> bool:
+  """True when ``var`` is the input of a :func:`softmax_exp`: read by one
+  REDUCE_MAX and by one MAXIMUM with ``max - EXP_FLOOR`` (qlite.ops.masking:
+  an attention mask before it)."""
+  cons = graph.consumers.get(var, [])
+  if len(cons) != 2 or var in graph.out_vars:
+    return False
+  red = [n for n in cons if n.name == "reduce_max"]
+  mx = [n for n in cons if n.name == "max"]
+  if len(red) != 1 or len(mx) != 1 or len(mx[0].inputs) != 2:
+    return False
+  other = [a for a in mx[0].inputs if a != var]
+  target = red[0].outputs[0]
+  a = other[0] if len(other) == 1 else None
+  for _ in range(4):                  # sub(broadcast / reshape(max), floor)
+    node = graph.producer.get(a) if isinstance(a, int) else None
+    if node is None:
+      return False
+    if target in node.inputs:
+      return True
+    acts = [i for i in node.inputs if isinstance(i, int)
+            and graph.is_activation(i)]
+    if len(acts) != 1:
+      return False
+    a = acts[0]
+  return False
+
+
 def _softmax(original, x, axis=-1, where=None, **kwargs):
   ndim = getattr(x, "ndim", 0)
   last = axis in (-1, ndim - 1) if isinstance(axis, int) else (
       isinstance(axis, tuple) and len(axis) == 1 and axis[0] in (-1, ndim - 1))
   if where is not None or kwargs or not last or ndim == 0:
     return original(x, axis=axis, where=where, **kwargs)
+  if x.shape[-1] > SOFTMAX_EXP_ABOVE:
+    return softmax_exp(x)
   return _softmax_composite(x)
 
 
