@@ -7,6 +7,15 @@ batches drawn with another seed), plus a small BERT-style encoder
 
     python bench/ptq_algorithms.py            # every model, every config
     python bench/ptq_algorithms.py --quick    # 3 models
+    python bench/ptq_algorithms.py --softmax-forms [--models ...]
+
+``--softmax-forms``: no PTQ algorithm; each model with a softmax exported
+twice, its softmaxes as the int8 SOFTMAX kernel and in the exp / sum form of
+qlite/ops/softmax.py (the evidence for ``SOFTMAX_EXP_ABOVE``); prints the
+table, writes nothing. Besides the names above it takes ``zoo:<name>`` (the
+zoo model's batches 0-3 calibrate, 4-7 are held out: token-id inputs) and the
+real-size ``vit_s16`` / ``bert`` of bench/_real_size_models.py, optionally at
+another size: ``vit_s16@176`` (image side), ``bert@256`` (tokens).
 
 Prints the table and writes bench/RESULTS_ptq.md (the evidence for
 qlite.ptq.DEFAULT_ALGORITHMS).
@@ -83,7 +92,38 @@ def _bert_item(name):
   return rs.bert_item(tiny=True)
 
 
+def _zoo_split_item(name):
+  import jax
+  from qlite.zoo import registry
+  zm = registry.get(name)
+  xs = np.concatenate([np.asarray(b) for b in zm.batches[4:]])
+  if zm.framework == "linen":
+    fn = jax.jit(lambda x: zm.model.apply(zm.variables, x))
+  else:
+    fn = lambda x: zm.model(x)
+  ref = np.concatenate([np.asarray(fn(xs[i:i + 1])) for i in range(len(xs))])
+  return Item(name, zm.model, zm.variables if zm.framework == "linen" else None,
+              list(zm.batches[:4]), (np.asarray(zm.batches[0])[:1],), xs, ref)
+
+
+def _real_size_item(name):
+  import _real_size_models as rs
+  base, _, size = name.partition("@")
+  if size:
+    make, shape, kind = rs.SPECS[base]
+    shape = (int(size), int(size), 3) if base == "vit_s16" else (
+        int(size), shape[1])
+    rs.SPECS[name] = (make, shape, kind)
+  case = rs.build(name)
+  return Item(name, rs.model(name), case.variables, case.calib,
+              case.example_args, case.eval_x, case.ref)
+
+
 def build(name) -> Item:
+  if name.startswith("zoo:"):
+    return _zoo_split_item(name[4:])
+  if name.partition("@")[0] in ("vit_s16", "bert"):
+    return _real_size_item(name)
   if name in BENCH:
     return _bench_item(name)
   if name in EXTRA:
@@ -156,6 +196,53 @@ def summary(rows, names) -> str:
   return "\n".join(lines)
 
 
+SOFTMAX_MODELS = ("zoo:moe/linen", "zoo:causal_lm/linen", "zoo:causal_lm/nnx",
+                  "transformer", "zoo:transformer/linen",
+                  "zoo:transformer/nnx", "bert_tiny", "vit_s16@128", "bert@64",
+                  "vit_s16@176", "bert", "vit_s16", "bert@256")
+
+
+def softmax_forms(names) -> str:
+  """LiteRT SQNR with every softmax as the SOFTMAX kernel vs the exp form."""
+  from qlite.ops import softmax
+  from qlite.trace import graph
+  lengths = set()
+  exp_form, kernel = softmax.softmax_exp, softmax._softmax_composite
+
+  def spy(fn):
+    def f(x):
+      lengths.add(x.shape[-1])
+      return fn(x)
+    return f
+
+  softmax.softmax_exp, softmax._softmax_composite = spy(exp_form), spy(kernel)
+  above = softmax.SOFTMAX_EXP_ABOVE
+  lines = ["| model | softmax row length | SOFTMAX kernel (dB) | exp form (dB) "
+           "| exp - kernel (dB) | default |", "|---|---|---:|---:|---:|---|"]
+  try:
+    for n in names:
+      item = build(n)
+      res = []
+      for thr in (10**9, 0):
+        softmax.SOFTMAX_EXP_ABOVE = thr
+        lengths.clear()
+        graph._TRACE_CACHE.clear()
+        graph._FOLD_CACHE.clear()
+        res.append(run(item, ())["sqnr"])
+      ls = sorted(lengths)
+      uses = "exp form" if ls and max(ls) > above else "kernel"
+      line = (f"| {n} | {', '.join(map(str, ls))} | {res[0]:.2f} | "
+              f"{res[1]:.2f} | {res[1] - res[0]:+.2f} | {uses} |")
+      print(line, flush=True)
+      lines.append(line)
+  finally:
+    softmax.SOFTMAX_EXP_ABOVE = above
+    softmax.softmax_exp, softmax._softmax_composite = exp_form, kernel
+    graph._TRACE_CACHE.clear()
+    graph._FOLD_CACHE.clear()
+  return "\n".join(lines)
+
+
 def _save(path, rows) -> dict:
   """Merges ``rows`` into the JSON file at ``path``; returns all rows."""
   import json
@@ -179,7 +266,12 @@ def main(argv=None) -> int:
                        "(runs split over several invocations)")
   ap.add_argument("--render-only", action="store_true",
                   help="with --merge: render the saved rows, run nothing")
+  ap.add_argument("--softmax-forms", action="store_true",
+                  help="SOFTMAX kernel vs exp form, no PTQ (writes nothing)")
   a = ap.parse_args(argv)
+  if a.softmax_forms:
+    print(softmax_forms(a.models or SOFTMAX_MODELS))
+    return 0
   names = a.models or (list(QUICK) if a.quick else
                        list(BENCH) + list(ZOO) + list(EXTRA))
   configs = a.configs or list(CONFIGS)
