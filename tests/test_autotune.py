@@ -166,6 +166,27 @@ def test_autotune_float_candidates():
                                                    abs=0.01)
 
 
+def test_search_moves_keep_a_mean_in_one_qtype():
+  """A LayerNorm's mean is a sum with its scaling fused into it (one LiteRT
+  MEAN, whose input and output types must agree): the two groups are
+  linked, and every candidate move holds both or neither (a module move
+  holding the div alone failed the export: 'tfl.mean' op failed to verify
+  that input and output must have same element type)."""
+  m = Small()
+  v = m.init(jax.random.key(0), BATCHES[0][:1])
+  stats = qlite.calibrate(m, [Rule()], BATCHES, variables=v, progress=False)
+  mix = autotune_mod._MixModel(m, v, [Rule()], stats, HELD)
+  mean = {("LayerNorm_0", "reduce_sum"), ("LayerNorm_0", "div")}
+  assert mix.links[("LayerNorm_0", "div")] == mean
+  groups = list(dict.fromkeys((b.module_path, b.op) for b in mix.bs
+                              if b.op != "input"))
+  assert ("LayerNorm_0", "div") in groups
+  assert ("LayerNorm_0", "reduce_sum") not in groups   # no boundary
+  moves = autotune_mod._moves(mix, groups)
+  assert any(mean <= mv for mv in moves)
+  assert all(mean <= mv or not (mean & mv) for mv in moves)
+
+
 def test_culprit_module_of_a_named_error():
   assert autotune_mod._culprit_module(
       "op `gather` in module `layer1/attn` (x.py:3) runs at int16") == \

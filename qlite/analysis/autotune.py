@@ -622,7 +622,7 @@ def _moves(mix: _MixModel, groups: list[Group]) -> list[frozenset]:
     parts = p.split("/") if p else []
     prefixes.update("/".join(parts[:k]) for k in range(len(parts) + 1))
   for p in paths:
-    moves.add(frozenset(g for g in groups if g[0] == p))
+    moves.add(frozenset(mix.linked(g for g in groups if g[0] == p)))
   for p in prefixes:
     sub = frozenset(g for g in groups
                     if not p or g[0] == p or g[0].startswith(p + "/"))
