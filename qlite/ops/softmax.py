@@ -77,7 +77,9 @@ EXP_FLOOR = 16.0
 def softmax_exp(x):
   """Softmax over the last axis as ``e * (1 / sum(e))``, ``e = exp(max(x,
   m - EXP_FLOOR) - m)``, ``m = max(x)``; the reciprocal is ``rsqrt(sum) **
-  2`` (one int8 RSQRT on the row sums: LiteRT's int8 DIV is unreliable)."""
+  2`` (one int8 RSQRT on the row sums: with ``e / sum(e)`` the converter
+  fuses the pattern back into one SOFTMAX, which then refuses the
+  calibrated output scale, "output->params.scale not near 1.f / 256")."""
   m = jnp.max(x, axis=-1, keepdims=True)
   e = jnp.exp(jnp.maximum(x, m - EXP_FLOOR) - m)
   r = lax.rsqrt(jnp.sum(e, axis=-1, keepdims=True))
