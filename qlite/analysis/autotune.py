@@ -822,12 +822,12 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         if lowered or (lite < target_sqnr_db and s.sqnr_db < goal):
           break           # no move helps any more
         if lite >= target_sqnr_db:
-          # LiteRT above the fake-quant model: one try with a goal that
-          # much lower (a pruned set; kept only if its export reaches)
-          gap = lite - s.sqnr_db
-          if gap < 0.1:
+          # one try with the goal this export's LiteRT - fake-quant gap
+          # says is enough (a pruned set; kept only if its export reaches)
+          lower = target_sqnr_db - (lite - s.sqnr_db) + 0.05
+          if lower > s.sqnr_db - 0.1:
             break
-          goal, lowered = target_sqnr_db - gap + 0.05, True
+          goal, lowered = lower, True
           continue
         # LiteRT below the fake-quant model: aim that much higher
         goal = max(goal + 0.1, target_sqnr_db + (s.sqnr_db - lite) + 0.05)
