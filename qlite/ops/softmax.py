@@ -114,6 +114,42 @@ def is_exp_form_input(graph, var) -> bool:
   return False
 
 
+_SHAPE_OPS = frozenset({"broadcast_in_dim", "reshape", "squeeze",
+                        "expand_dims"})
+
+
+def _through_shape_ops(graph, var):
+  node = graph.producer.get(var) if isinstance(var, int) else None
+  while node is not None and node.name in _SHAPE_OPS and node.inputs:
+    node = graph.producer.get(node.inputs[0]) if isinstance(
+        node.inputs[0], int) else None
+  return node
+
+
+def is_exp_form_output(graph, var) -> bool:
+  """True when ``var`` is the probabilities of a :func:`softmax_exp`
+  (``e * (r * r)``, ``r = rsqrt(sum(e))``, ``e = exp(...)``): non-negative,
+  so an int8 matmul reading them at zero point 0 would waste half its
+  grid (qlite.quant.plan swaps the operands, as for a SOFTMAX)."""
+  node = graph.producer.get(var) if isinstance(var, int) else None
+  if node is None or node.name != "mul" or len(node.inputs) != 2:
+    return False
+  for e, r2 in (node.inputs, node.inputs[::-1]):
+    exp = _through_shape_ops(graph, e)
+    sq = _through_shape_ops(graph, r2)
+    if exp is None or exp.name != "exp" or sq is None or sq.name != "mul" \
+        or sq.inputs[0] != sq.inputs[1]:
+      continue
+    rs = _through_shape_ops(graph, sq.inputs[0])
+    if rs is None or rs.name != "rsqrt":
+      continue
+    red = _through_shape_ops(graph, rs.inputs[0])
+    if red is not None and red.name == "reduce_sum" and \
+        red.inputs[0] == exp.outputs[0]:
+      return True
+  return False
+
+
 def _softmax(original, x, axis=-1, where=None, **kwargs):
   ndim = getattr(x, "ndim", 0)
   last = axis in (-1, ndim - 1) if isinstance(axis, int) else (

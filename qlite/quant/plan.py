@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlite import ops
-from qlite.ops import int_lookup
+from qlite.ops import int_lookup, softmax
 from qlite.core import calibration
 from qlite.trace.graph import Graph, Lit, Node, bind
 from qlite.rules import QuantizationRule, RuleMatcher
@@ -465,7 +465,8 @@ class _Planner:
       for i in handler.zero_point_operands(node, self.ctx):
         b = self.boundaries.get(
             scale_source(self.graph, node.inputs[i], self.registry))
-        if b is not None and b.fixed_range is not None:
+        if b is not None and (b.fixed_range is not None or
+                              softmax.is_exp_form_output(self.graph, b.var)):
           j = handler.swap_operand(node, i)
           other = None if j is None else self.boundaries.get(
               scale_source(self.graph, node.inputs[j], self.registry))
