@@ -496,7 +496,7 @@ class _Search:
     self._cache: dict[frozenset, _Score | None] = {}
     self._rank: dict[frozenset, float] = {}
     self._lazy = False
-    self._all_groups: list[Group] = []
+    self.all_groups: list[Group] = []
     self.path: list[dict[Group, str]] = []   # the state after each step
     self.last_move: list[Group] = []
 
@@ -593,7 +593,7 @@ class _Search:
                f"{cur.promoted} boundaries")
 
   def drop_module(self, path: str) -> list[Group]:
-    return self.drop(g for g in self._all_groups if g[0] == path)
+    return self.drop(g for g in self.all_groups if g[0] == path)
 
   def drop(self, groups) -> list[Group]:
     """Bans ``groups`` (and those linked to them) from the search;
@@ -767,7 +767,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         (b.module_path, b.op) for b in mix.bs
         if b.op != "input" and b.rule.act_qtype is not None and
         b.op not in NO_16X8_KERNEL))
-    search._all_groups = groups
+    search.all_groups = groups
     exports = 0
     for qtype in candidates:
       if best[1] >= target_sqnr_db:
@@ -780,7 +780,7 @@ def autotune(model, rules: Sequence[QuantizationRule], batches, *,
         allowed = list(dict.fromkeys(
             (b.module_path, b.op) for b in mix.bs
             if b.op != "input" and b.rule.act_qtype is not None))
-        search._all_groups = list(dict.fromkeys(groups + allowed))
+        search.all_groups = list(dict.fromkeys(groups + allowed))
         moves = sorted({frozenset(g for g in allowed if g[0] == p)
                         for p, _ in allowed},
                        key=lambda m: (len(m), sorted(m)))
