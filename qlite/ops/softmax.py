@@ -26,10 +26,11 @@ from jax import lax
 # Rows longer than this use the exp / sum form (module docstring): there the
 # mean probability 1/n is under 2 steps of the int8 SOFTMAX kernel's fixed
 # output scale 1/256. Measured (LiteRT int8 vs float, held-out data,
-# bench/RESULTS_ptq.md "softmax form"): ViT-S/16, 196 tokens, 23.8 -> 26.7
-# dB; rows of 4 to 128 entries (zoo / bench transformers, causal LMs, MoE
-# router, BERT-style encoders) lose 0.02 to 0.5 dB with it, so they keep
-# SOFTMAX.
+# `bench/ptq_algorithms.py --softmax-forms`, bench/RESULTS_ptq.md): ViT-S/16
+# (196 tokens) 23.8 -> 26.5 dB, a BERT-style encoder on 256 tokens 9.9 ->
+# 10.0 dB; on rows of 4 to 128 entries (zoo / bench transformers, causal
+# LMs, MoE router, BERT-style encoders, ViT on smaller images) it wins or
+# loses by model (-0.5 to +1.1 dB), so they keep SOFTMAX.
 SOFTMAX_EXP_ABOVE = 128
 
 # (lo, hi) so that asymmetric int8 gives LiteRT's required scale / zero point.
