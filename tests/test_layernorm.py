@@ -148,3 +148,32 @@ def test_layernorm_form_raises_zoo_sqnr_full_integer(name, gain,
   # (x - mean) * mul) and two RESHAPEs fewer: 113 -> 108 ops (transformer)
   assert after.ops["MUL"] == before.ops["MUL"] + 5
   assert sum(after.ops.values()) < sum(before.ops.values())
+
+
+class _DenseLnDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(8)(nn.LayerNorm()(nn.Dense(16)(x)))
+
+
+def test_layernorm_kept_float_between_int8_layers_exports():
+  """A rule keeping a LayerNorm float (act_qtype=None): its constants (eps,
+  scale, bias) stay float. The planner used to quantize them with the float
+  rule's qtype, and the export failed with a QTypeError (qtype None)."""
+  m = _DenseLnDense()
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(2, 5, 12)).astype(np.float32) for _ in range(3)]
+  v = m.init(jax.random.PRNGKey(0), batches[0])
+  rules = [qlite.QuantizationRule(module_path="LayerNorm_0", act_qtype=None,
+                                  weight_qtype=None),
+           qlite.QuantizationRule()]
+  stats = qlite.calibrate(m, rules, batches, variables=v, progress=False)
+  blob = qlite.export_tflite(m, rules, stats, batches[0][:1], variables=v,
+                             strict=False)
+  info = qlite.inspect_tflite(blob)
+  assert not info.full_integer
+  assert info.op_histogram["FULLY_CONNECTED"] == 2
+  held = batches[2][:1]
+  out = qlite.TFLiteRunner(blob).run(held)[0]
+  db = qlite.metrics.sqnr_db(np.asarray(m.apply(v, held)), out)
+  assert db > 30.0, db

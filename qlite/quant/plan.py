@@ -360,8 +360,10 @@ class _Planner:
                                                    node.inputs[act_ins[0]]):
       return
     # A plain compute op: the constants it reads are quantized per tensor
-    # (as its handler says: relu's 0 and relu6's 6 are left to the converter).
-    self._add_consts(node, rule)
+    # (as its handler says: relu's 0 and relu6's 6 are left to the converter);
+    # an op a rule keeps float reads them float.
+    if rule.act_qtype is not None:
+      self._add_consts(node, rule)
     for o in act_outs:
       self.out_boundary[o] = node
 
