@@ -336,7 +336,7 @@ def main(argv=None) -> int:
   c.add_argument("--no-progress", action="store_true",
                  help="no progress bars (calibration and compare)")
   c.set_defaults(func=_cmd_compare)
-  t = sub.add_parser("tune", help="promote the fewest modules to int16 "
+  t = sub.add_parser("tune", help="promote the fewest op groups to int16 "
                      "(LiteRT 16x8) until the export reaches a target SQNR")
   t.add_argument("entry", help="package.module:function returning "
                  "(model, variables, batches)")
