@@ -208,25 +208,32 @@ class MaskedModel(nn.Module):
     return nn.Dense(4, name="head")(h)
 
 
+def _mixed_masked_select(int16_path):
+  """Exports MaskedModel with ``int16_path`` int16 (the rest int8) and all
+  int8: (info, the SELECT's value / output dtypes and scales, dB, int8 dB)."""
+  rng = np.random.default_rng(0)
+  calib = [rng.normal(size=(2, 8, 12)).astype(np.float32) for _ in range(3)]
+  held = rng.normal(size=(2, 8, 12)).astype(np.float32)
+  rules = [Rule(module_path=int16_path, act_qtype="int16"), Rule()]
+  blob, db = _export(MaskedModel(), rules, calib, held)
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer
+  sel = next(o for o in info.ops if o.name == "SELECT")
+  tensors = [info.tensor(i) for i in list(sel.inputs[1:]) + list(sel.outputs)]
+  _, db8 = _export(MaskedModel(), [Rule()], calib, held)
+  return (info, {t.dtype for t in tensors},
+          {float(t.scale[0]) for t in tensors}, db, db8)
+
+
 def test_mixed_int16_masked_select_reads_its_output_scale():
   """An int16 masked select (attention module int16) of int8 logits: the
   logits are requantized straight to the SELECT's output scale. It used to
   be requantized at the logits' own int16 scale (2x margin), which the
   converter refused ('tfl.select' op quantization parameters violate the
   same scale constraint; the zoo causal_lm with 'layer1/attn' int16)."""
-  rng = np.random.default_rng(0)
-  calib = [rng.normal(size=(2, 8, 12)).astype(np.float32) for _ in range(3)]
-  held = rng.normal(size=(2, 8, 12)).astype(np.float32)
-  rules = [Rule(module_path="attn", act_qtype="int16"), Rule()]
-  blob, db = _export(MaskedModel(), rules, calib, held)
-  info = qlite.inspect_tflite(blob)
-  assert info.full_integer
-  sel = next(o for o in info.ops if o.name == "SELECT")
-  tensors = [info.tensor(i) for i in list(sel.inputs[1:]) + list(sel.outputs)]
-  assert {t.dtype for t in tensors} == {"INT16"}
-  assert len({float(t.scale[0]) for t in tensors}) == 1
+  info, dtypes, scales, db, db8 = _mixed_masked_select("attn")
+  assert dtypes == {"INT16"} and len(scales) == 1
   assert "SOFTMAX" in info.op_histogram
-  _, db8 = _export(MaskedModel(), [Rule()], calib, held)
   assert db >= 30.0 and db >= db8 - 0.5, (db8, db)     # ~36.7, int8 ~35.2
 
 
@@ -235,18 +242,8 @@ def test_mixed_int8_masked_select_of_int16_logits(rule_path):
   """The reverse mix: int16 logits into an int8 masked select. The logits
   are requantized straight to the int8 SELECT's output scale; before, the
   export failed with the converter's raw 'tfl.select' same scale error."""
-  rng = np.random.default_rng(0)
-  calib = [rng.normal(size=(2, 8, 12)).astype(np.float32) for _ in range(3)]
-  held = rng.normal(size=(2, 8, 12)).astype(np.float32)
-  rules = [Rule(module_path=rule_path, act_qtype="int16"), Rule()]
-  blob, db = _export(MaskedModel(), rules, calib, held)
-  info = qlite.inspect_tflite(blob)
-  assert info.full_integer
-  sel = next(o for o in info.ops if o.name == "SELECT")
-  tensors = [info.tensor(i) for i in list(sel.inputs[1:]) + list(sel.outputs)]
-  assert {t.dtype for t in tensors} == {"INT8"}
-  assert len({float(t.scale[0]) for t in tensors}) == 1
-  _, db8 = _export(MaskedModel(), [Rule()], calib, held)
+  _, dtypes, scales, db, db8 = _mixed_masked_select(rule_path)
+  assert dtypes == {"INT8"} and len(scales) == 1
   assert db >= db8 - 0.5, (db8, db)     # 35.2 / 35.6, int8 35.2
 
 

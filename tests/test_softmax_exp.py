@@ -14,6 +14,8 @@ import qlite
 from qlite.ops import softmax
 from qlite.trace import graph
 
+from attention_models import HeadsAttention
+
 RULES = [qlite.QuantizationRule()]
 T = 196                                  # ViT-S/16's tokens
 
@@ -31,20 +33,6 @@ class Attention(nn.Module):
       logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e9)
     return nn.Dense(16, name="out")(
         jnp.einsum("bts,bsd->btd", jax.nn.softmax(logits), v))
-
-
-class HeadsAttention(nn.Module):
-  """ViT's / BERT's layout: 2 heads, ``einsum("bhqk,bkhd->bqhd", p, v)``,
-  which puts the probabilities on the matmul's right-hand side."""
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, _ = x.shape
-    q, k, v = (nn.Dense(16, name=n)(x).reshape(b, t, 2, 8)
-               for n in ("q", "k", "v"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8.0)
-    y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits), v)
-    return nn.Dense(16, name="out")(y.reshape(b, t, 16))
 
 
 def _batches(n, t, seed):

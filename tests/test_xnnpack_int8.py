@@ -16,20 +16,9 @@ import qlite
 from qlite.ops.fully_connected import FullyConnected
 from qlite.trace.graph import Node
 
+from attention_models import HeadsAttention
+
 RULES = [qlite.QuantizationRule()]
-
-
-class EinsumAttention(nn.Module):
-  """ViT-style: jnp.einsum computes p @ v as dot_general(v, p)."""
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, _ = x.shape
-    q, k, v = (nn.Dense(16, name=n)(x).reshape(b, t, 2, 8)
-               for n in ("q", "k", "v"))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8.0)
-    y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-    return nn.Dense(12)(y.reshape(b, t, 16))
 
 
 class FlaxAttention(nn.Module):
@@ -72,7 +61,7 @@ def _qp(t):
   return float(q["scales"][0]), int(q["zero_points"][0])
 
 
-@pytest.mark.parametrize("model", [EinsumAttention(), FlaxAttention()],
+@pytest.mark.parametrize("model", [HeadsAttention(), FlaxAttention()],
                          ids=["einsum", "flax_mha"])
 def test_attention_products_read_rhs_at_zero_point_0(model):
   blob, sqnr = _export(model)
