@@ -19,7 +19,27 @@ vocabulary qlite converts. Four kinds of model:
 
 Activations include elu, selu, softplus, mish, log_sigmoid and -x beside
 the relu / gelu / sigmoid families. Sizes stay small (time <= 8, features
-<= 16). Each model must export full-integer with LiteRT SQNR vs float above
+<= 16), except the forms below.
+
+From seed ``NEW_FORMS_FROM`` on, a second rng stream (seeded (seed, 17), so
+the main stream's draws -- and every model below that seed, which
+tests/golden/export_hashes.py pins -- are unchanged) extends the sequence
+and token kinds with the int8 export's XNNPACK-shaped paths:
+
+* ``heads_attention``: ViT / BERT's multi-head einsum layout
+  (``einsum("bqhd,bkhd->bhqk", q, k)``, ``einsum("bhqk,bkhd->bqhd", p, v)``,
+  the probabilities on the right of jax's ``dot_general(v, p)``: lowered
+  with the operands swapped) with 1-4 heads, K / V plain, after a relu or
+  shifted by a bias (activation x activation products whose right-hand side,
+  quantized at zero point 0, is not symmetric), causal masks (jnp.where or
+  additive) or none, or a softmax-free linear attention (q @ relu(k)^T) @ v;
+* ``wide_softmax``: a softmax over 129-160 features (more than
+  ``qlite.ops.softmax.SOFTMAX_EXP_ABOVE``: the int8 exp / sum form), masked
+  with one of ``MASK_FILLS`` or not, read by a Dense or multiplying an
+  activation (``einsum("btn,bnd->btd", p, v)``);
+* a long time axis (129-160 steps): every attention's softmax row (Flax,
+  masked, heads) is in the exp form, with and without causal masks (rnn /
+  scan ops are replaced by ``heads_attention`` there). Each model must export full-integer with LiteRT SQNR vs float above
 ``SQNR_FLOOR_DB`` and LiteRT faithful to the fake-quant model. A named
 ``qlite.QliteError`` is accepted only for a seed listed in
 ``EXPECTED_NAMED_ERRORS`` (with the error class and the reason); anything
@@ -119,6 +139,15 @@ SEGMENTS = 4          # the graph kind's jax.ops.segment_sum num_segments
 # moved the RESHAPE after the first ADD and failed its same-scale check;
 # qlite now runs r + r of a reshape as r * 2.)
 OFFSET_ACTS = ("softplus", "log_sigmoid")
+
+# The second-stream forms (see the module docstring). Seeds below
+# NEW_FORMS_FROM (0-24: test_fuzz.py and the golden hashes) keep the
+# vocabulary they had before them.
+NEW_FORMS_FROM = 25
+NEW_OP_P = 0.3         # per program position: replaced by a new op
+LONG_TIME_P = 0.35     # a sequence / token model with time 129-160
+HEADS_KV = ("plain", "relu", "shift")
+HEADS_MASKS = (None, "where", "additive", "linear")
 
 
 class _Guards:
@@ -231,6 +260,64 @@ class _MaskedAttention(nn.Module):
         jnp.einsum("bts,bsd->btd", jax.nn.softmax(logits), v))
 
 
+class _HeadsAttention(nn.Module):
+  """Multi-head attention in ViT's / BERT's einsum layout (``heads`` of
+  ``head_dim``). ``kv``: K / V plain, after a relu, or shifted by +1.5 / +1
+  (not symmetric around 0: they are the right-hand side of their products,
+  quantized at zero point 0). ``mask``: None, "where" (jnp.where(causal,
+  logits, -1e9)), "additive" (logits + (1 - tril) * -1e9) or "linear" (no
+  softmax: (q @ relu(k)^T / time) @ v)."""
+  heads: int
+  head_dim: int
+  kv: str
+  mask: str | None
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    h, e = self.heads, self.head_dim
+    q, k, v = (nn.Dense(h * e)(x) for _ in range(3))
+    if self.kv == "relu":
+      k, v = nn.relu(k), nn.relu(v)
+    elif self.kv == "shift":
+      k, v = k + 1.5, v + 1.0
+    q, k, v = (a.reshape(b, t, h, e) for a in (q, k, v))
+    if self.mask == "linear":
+      kv = jnp.einsum("bkhd,bkhe->bhde", nn.relu(k), v) / t
+      y = jnp.einsum("bqhd,bhde->bqhe", q, kv)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(float(e))
+      if self.mask == "where":
+        logits = jnp.where(np.tril(np.ones((t, t), bool)), logits, -1e9)
+      elif self.mask == "additive":
+        logits = logits + (1.0 - jnp.tril(jnp.ones((t, t)))) * -1e9
+      y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits), v)
+    return nn.Dense(d)(y.reshape(b, t, h * e))
+
+
+class _WideSoftmax(nn.Module):
+  """softmax(Dense(n)(x)) over n > 128 features (the exp form), entries
+  past ``keep`` filled with ``fill`` (jnp.where) when ``fill`` is not None;
+  read by ``Dense(d)(n * p)`` ("dense") or ``einsum("btn,bnd->btd", p, v)``
+  with v = a token mix of x to n slots ("memory")."""
+  n: int
+  keep: int
+  fill: float | None
+  read: str
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    logits = nn.Dense(self.n)(x)
+    if self.fill is not None:
+      logits = jnp.where(np.arange(self.n) < self.keep, logits, self.fill)
+    p = jax.nn.softmax(logits)
+    if self.read == "dense":
+      return nn.Dense(d)(self.n * p)
+    v = jnp.swapaxes(nn.Dense(self.n)(jnp.swapaxes(x, 1, 2)), 1, 2)
+    return jnp.einsum("btn,bnd->btd", p, v)
+
+
 class _Recurrence(nn.Module):
   """h_t = a * h_{t-1} + x_t with jax.lax.scan over time."""
   reverse: bool
@@ -320,11 +407,16 @@ def _seq_program(program, x):
       x = jnp.flip(x, axis=arg)
     elif op == "remat":
       x = nn.remat(nn.Dense)(arg)(x)
+    elif op == "heads_attention":
+      x = _HeadsAttention(*arg)(x)
+    elif op == "wide_softmax":
+      x = _WideSoftmax(*arg)(x)
     if x is before:            # not applied (shape guard)
       continue
     guards.update(op, arg, self_add)
     if op in ("dense", "residual", "attention", "masked_attention", "rnn",
-              "grouped_dense", "remat"):
+              "grouped_dense", "remat", "heads_attention",
+              "wide_softmax"):
       saved = x
   return nn.Dense(5)(jnp.mean(x, axis=1))
 
@@ -388,6 +480,7 @@ class FuzzCase:
   variables: dict
   batches: list      # arrays, or tuples of arrays (the graph kind)
   description: str
+  forms: tuple = ()  # the second-stream forms it has ("long_time", new ops)
 
 
 # Weights no int8 model can represent are no test of qlite: the generator
@@ -453,6 +546,42 @@ def _arg(op: str, rng: np.random.Generator):
   return None
 
 
+def _new_op_arg(op: str, rng: np.random.Generator):
+  """The random argument of a second-stream op."""
+  if op == "heads_attention":
+    mask = HEADS_MASKS[rng.integers(len(HEADS_MASKS))]
+    return (int(rng.integers(1, 5)), int(rng.choice([4, 8])),
+            str(rng.choice(HEADS_KV)), mask)
+  n = int(rng.integers(129, 161))
+  fill = None
+  if rng.random() < 0.5:
+    fill = float(MASK_FILLS[rng.integers(len(MASK_FILLS))])
+  return (n, int(rng.integers(129, n + 1)), fill,
+          str(rng.choice(["dense", "memory"])))
+
+
+def _new_forms(seed: int, program: tuple, shape: tuple):
+  """The second-stream extension of a sequence / token model: (program,
+  shape, forms). Draws only from its own rng, seeded (seed, 17)."""
+  rng = np.random.default_rng((seed, 17))
+  long = bool(rng.random() < LONG_TIME_P)
+  forms = ["long_time"] if long else []
+  if long:
+    shape = shape[:1] + (int(rng.integers(129, 161)),) + shape[2:]
+  out = []
+  for op, arg in program:
+    if (long and op in ("rnn", "scan_recurrence")) or rng.random() < NEW_OP_P:
+      op = str(rng.choice(["heads_attention", "wide_softmax"]))
+      arg = _new_op_arg(op, rng)
+    out.append((op, arg))
+  attn = ("attention", "masked_attention", "heads_attention")
+  if long and not any(op in attn for op, _ in out):
+    out.insert(int(rng.integers(len(out) + 1)),
+               ("heads_attention", _new_op_arg("heads_attention", rng)))
+  forms += sorted({op for op, _ in out} & {"heads_attention", "wide_softmax"})
+  return tuple(out), shape, tuple(forms)
+
+
 def generate(seed: int) -> FuzzCase:
   """Returns the random model, variables and calibration batches of ``seed``."""
   rng = np.random.default_rng(seed)
@@ -476,7 +605,9 @@ def generate(seed: int) -> FuzzCase:
   for _ in range(depth):
     op = str(rng.choice(vocab))
     program.append((op, _arg(op, rng)))
-  program = tuple(program)
+  program, forms = tuple(program), ()
+  if vocab is SEQ_OPS and seed >= NEW_FORMS_FROM:
+    program, shape, forms = _new_forms(seed, program, shape)
   lo = float(rng.choice([0.0, -1.0]))
   hi = float(rng.choice([1.0, 4.0]))
   if vocab is IMAGE_OPS or (vocab is SEQ_OPS and len(shape) == 3):
@@ -504,7 +635,7 @@ def generate(seed: int) -> FuzzCase:
   if isinstance(model, FuzzTokens):
     desc += f"(vocab={n_tokens}, features={features})"
   return FuzzCase(seed, model, variables, batches,
-                  f"{desc}{shape} {list(program)}")
+                  f"{desc}{shape} {list(program)}", forms)
 
 
 @dataclasses.dataclass
@@ -514,6 +645,7 @@ class FuzzResult:
   # ("crash" also covers silent float ops and LiteRT != fake-quant)
   detail: str
   sqnr: float = float("nan")
+  forms: tuple = ()  # FuzzCase.forms
 
 
 def run_seed(seed: int) -> FuzzResult:
@@ -527,6 +659,12 @@ def run_seed(seed: int) -> FuzzResult:
 
 def run_case(case: FuzzCase) -> FuzzResult:
   """Calibrates, exports and checks one :class:`FuzzCase`."""
+  r = _run_case(case)
+  r.forms = case.forms
+  return r
+
+
+def _run_case(case: FuzzCase) -> FuzzResult:
   seed = case.seed
   rules = [qlite.QuantizationRule()]
   try:
@@ -606,6 +744,16 @@ def main(n: int = 200, start: int = 0) -> collections.Counter:
   if sq:
     print(f"SQNR of full-integer models: min {min(sq):.1f} dB, median "
           f"{float(np.median(sq)):.1f} dB")
+  for form in ("any", "long_time", "heads_attention", "wide_softmax"):
+    hit = [r for r in results if r.forms and (form == "any" or form in r.forms)]
+    if not hit:
+      continue
+    ok = [r.sqnr for r in hit if r.outcome == "full_integer"]
+    line = f"{form}: {len(hit)} seeds, full_integer={len(ok)}"
+    if ok:
+      line += (f", SQNR min {min(ok):.1f} / median "
+               f"{float(np.median(ok)):.1f} dB")
+    print(line)
   return counts
 
 
