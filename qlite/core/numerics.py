@@ -153,7 +153,7 @@ def _prepare(xp, x, scale, zero_point):
   return x, scale, zp
 
 
-ROUNDINGS = ("half_even", "half_away")
+ROUNDINGS = ("half_even", "half_away", "none")
 
 
 def _int_codes(xp, x, scale, zp, qt: QType, narrow_range: bool,
@@ -164,7 +164,8 @@ def _int_codes(xp, x, scale, zp, qt: QType, narrow_range: bool,
   after snapping it to a 1/1024 grid (exact ties survive float error).
   LiteRT's int8 AVERAGE_POOL_2D (builtin and XNNPACK) rounds the raw code
   sum / count that way; half-to-even there left the fake-quant model up to
-  1 LSB off at every tie."""
+  1 LSB off at every tie. ``rounding="none"`` is handled by
+  :func:`fake_quant` (the value passes unquantized)."""
   lo = float(qt.narrow_qmin(narrow_range))
   if rounding == "half_away":
     t = xp.round((x / scale + zp) * 1024.0) / 1024.0
@@ -241,7 +242,10 @@ def float_dtype_or_f32(dtype):
 def fake_quant(x, scale, zero_point, qtype: str | QType, *,
                narrow_range: bool = False, rounding: str = "half_even"):
   """Returns ``dequantize_values(quantize_values(x, ...))`` computed in float
-  (int qtypes: ``rounding`` as in ``_int_codes``).
+  (int qtypes: ``rounding`` as in ``_int_codes``). ``rounding="none"``
+  returns ``x`` as it is: a value LiteRT never quantizes at this scale (an
+  ADD whose relu fuses into its kernel requantizes straight to the relu's
+  output scale).
 
   Jittable; the result has ``x``'s dtype when ``x`` is floating, else float32.
   No straight-through estimator is attached (``round`` has zero gradient).
@@ -251,6 +255,8 @@ def fake_quant(x, scale, zero_point, qtype: str | QType, *,
   qt = get_qtype(qtype)
   xp = _xp(x, scale, zero_point)
   out_dtype = float_dtype_or_f32(getattr(x, "dtype", None))
+  if rounding == "none":
+    return xp.asarray(xp.asarray(x).astype(out_dtype))
   x, scale, zp = _prepare(xp, x, scale, zero_point)
   if qt.kind == qt_lib.INT:
     y = (_int_codes(xp, x, scale, zp, qt, narrow_range, rounding) - zp) * scale

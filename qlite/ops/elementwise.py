@@ -55,6 +55,10 @@ class Arithmetic(base.OpHandler):
            "additive attention mask is clipped to the logits' range; r + r "
            "of a reshaped r runs as MUL by 2")
   mask_margin = 10.0
+  # A relu / relu6 reading the op's output alone fuses into LiteRT's ADD /
+  # SUB / MUL kernel, which requantizes straight to the relu's output scale:
+  # the op's own boundary is never rounded (qlite.quant.plan._rounding).
+  fuses_activation = True
 
   def chain_fusion(self, node, ctx, chain, direct, activated):
     graph = ctx.graph
