@@ -9,7 +9,9 @@ coarser scale: its range spans both signs, the relu's only [0, max]) put
 the fake-quant model below LiteRT: on zoo ``tcn/linen`` (held-out rows)
 fake-quant 40.2 dB vs LiteRT 43.6 dB against float, 2 LSB apart at the
 output; on ResNet-50 at 64x64 (every block ends ``relu(x + shortcut)``)
-32.7 vs 34.1 dB. The plan now marks such a boundary ``rounding="none"``.
+32.7 vs 34.1 dB. The plan now marks such a boundary ``rounding="none"``
+(and, for ``min(max(x, 0), 6)``, the max's boundary too: the MINIMUM reads
+the fused op's output at its own scale).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class _TwoDense(nn.Module):
       return nn.relu(a * b)
     if self.kind == "add_const":
       return nn.relu(a + 0.3)
+    if self.kind == "add_relu6":                # min(max(a + b, 0), 6)
+      return nn.relu6(a + b)
     if self.kind == "add_two_readers":       # the ADD's output read twice
       s = a + b
       return nn.relu(s) + s
@@ -91,6 +95,20 @@ def test_relu_fused_into_elementwise_op_matches_litert(kind, op, litert_op):
   out = rep.outputs[0]
   assert out.max_lsb == 0.0
   assert out.metrics["litert_vs_fakequant"].sqnr_db == float("inf")
+
+
+def test_relu6_after_add_matches_litert():
+  # the RELU fuses into the ADD, the MINIMUM stays and reads the ADD's
+  # output at its own scale (6 / 255): neither the add's nor the max's
+  # boundary exists in the .tflite. Before: 3 LSB apart (1 LSB with only
+  # the add's rounding dropped).
+  blob, rep, plan = _run("add_relu6")
+  ops = [o.name for o in qlite.inspect_tflite(blob).ops]
+  assert ops.count("ADD") == 1 and "MINIMUM" in ops and "RELU" not in ops
+  assert _rounding(plan, "add") == ["none"]
+  assert _rounding(plan, "max") == ["none"]
+  assert _rounding(plan, "min") == ["half_even"]
+  assert rep.outputs[0].max_lsb == 0.0
 
 
 def test_elementwise_output_read_twice_keeps_its_rounding():

@@ -516,6 +516,18 @@ class _Planner:
               act, self.ctx) not in ("relu", "relu6"):
         continue
       self.boundaries[var] = dataclasses.replace(b, rounding="none")
+      # relu6 as min(max(x, 0), 6): the RELU fuses, the MINIMUM stays and
+      # reads the fused op's output at its own scale (the max's boundary is
+      # never rounded either)
+      after = graph.consumers.get(act.outputs[0], [])
+      if len(after) == 1 and after[0].index in self.quantized and \
+          act.outputs[0] not in graph.out_vars and \
+          after[0].outputs[0] in self.boundaries and \
+          self.boundaries[after[0].outputs[0]].rule.act_qtype == "int8" and \
+          self.registry[after[0].name].activation_kind(
+              after[0], self.ctx) == "min6":
+        self.boundaries[act.outputs[0]] = dataclasses.replace(
+            relu, rounding="none")
 
 
 def _share_scales(graph: Graph, boundaries: dict[int, Boundary],
