@@ -33,9 +33,13 @@ from qlite.rules import QuantizationRule, RuleMatcher
 STATS = "quant_stats"
 
 
-def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False):
+def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False,
+                   rounding="half_even"):
   """Fake-quantizes ``x``; the gradient is 1 where ``x`` is inside the
-  representable range and 0 outside (clipped straight-through estimator)."""
+  representable range and 0 outside (clipped straight-through estimator).
+  ``rounding``: as :func:`qlite.core.numerics.fake_quant` (a boundary's
+  ``rounding``: LiteRT's average pool rounds half away from zero; an ADD
+  whose relu fuses into its kernel is never rounded at its own scale)."""
   qt = get_qtype(qtype)
   scale = jax.lax.stop_gradient(scale)
   zero_point = jax.lax.stop_gradient(zero_point)
@@ -43,7 +47,8 @@ def fake_quant_ste(x, scale, zero_point, qtype, *, narrow_range=False):
   lo = (qmin - zero_point.astype(jnp.float32)) * scale
   hi = (qt.qmax - zero_point.astype(jnp.float32)) * scale
   clipped = jnp.clip(x, lo, hi)
-  q = numerics.fake_quant(x, scale, zero_point, qt, narrow_range=narrow_range)
+  q = numerics.fake_quant(x, scale, zero_point, qt, narrow_range=narrow_range,
+                         rounding=rounding)
   return clipped + jax.lax.stop_gradient(q - clipped)
 
 
@@ -131,7 +136,7 @@ class QatProvider(Provider):
                                            o.zero_point_zero
                                            for o in b.shares_with),
                                        narrow_range=False)
-      return fake_quant_ste(val, s, z, b.rule.act_qtype)
+      return fake_quant_ste(val, s, z, b.rule.act_qtype, rounding=b.rounding)
 
     def weight(spec, w):
       s, z = fq.channel_scale(
