@@ -64,3 +64,50 @@ def test_causal_mask_controls(mask, t):
                    "constant's range (0.4 dB); remove the mark when fixed")
 def test_additive_mask_before_exp_form_softmax():
   assert _sqnr("additive", 134) > 20.0
+
+
+# Seeds 40 / 54 / 199 (LiteRT 5-14 LSB from the fake-quant model, 3.8 dB
+# worse on seed 40): a jnp.where mask fill before a softmax. LiteRT's
+# FULLY_CONNECTED writes the logits straight at the SELECT's scale (0.109,
+# the logits' range widened by masking.MASK_MARGIN), the fake-quant model
+# rounds them at the Dense's own scale (0.083) and again at the select's:
+# 5.0 output LSB apart (LiteRT 30.53 / fake-quant 30.92 dB at 150 entries,
+# 29.19 / 28.13 at 100 -- the SOFTMAX kernel path too); 0 LSB without the
+# mask. The exp form's slope (16 output LSB per input LSB near the row max)
+# amplifies it.
+class _MaskedWideSoftmax(nn.Module):
+  n: int
+
+  @nn.compact
+  def __call__(self, x):
+    logits = nn.Dense(self.n)(x)
+    logits = jnp.where(np.arange(self.n) < self.n - 10, logits, -1e9)
+    return nn.Dense(5)(jax.nn.softmax(logits) * self.n)
+
+
+def _lsb_from_fake_quant(n):
+  model = _MaskedWideSoftmax(n)
+  rng = np.random.default_rng(0)
+  batches = [rng.uniform(-1, 4, size=(2, 4, 8)).astype(np.float32)
+             for _ in range(6)]
+  v = model.init(jax.random.key(0), batches[0])
+  rules = [qlite.QuantizationRule()]
+  stats = qlite.calibrate(model, rules, batches, variables=v, progress=False)
+  blob = qlite.export_tflite(model, rules, stats, batches[0], variables=v,
+                             verify="warn")
+  info = qlite.inspect_tflite(blob)
+  fake = qlite.quantize_model(
+      model, qlite.annotate.ConversionProvider(rules, stats), variables=v)
+  runner = qlite.TFLiteRunner(blob)
+  out = np.stack([runner.run(b)[0] for b in batches[:3]])
+  fq = np.stack([np.asarray(fake.apply(v, b)) for b in batches[:3]])
+  lsb = float(info.tensor(info.ops[-1].inputs[0]).scale[0])
+  return float(np.max(np.abs(out - fq))) / lsb
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz seeds 40 / 54 / 199: the "
+                   "fake-quant model rounds masked logits twice, LiteRT "
+                   "once (5 LSB); remove the mark when fixed")
+@pytest.mark.parametrize("n", [150])
+def test_masked_softmax_logits_match_litert(n):
+  assert _lsb_from_fake_quant(n) <= 1.0
