@@ -129,6 +129,15 @@ class Plan:
     return {b.key: b for b in self.boundaries.values()}
 
 
+# The largest param-free constant the planner evaluates for pattern matching:
+# a causal attention mask over 2048 tokens (4M elements). It was 4096, and
+# an additive mask over more than 64 tokens (``logits + (1 - tril) * -1e9``)
+# went unrecognised: the add took the -1e9 constant's range and every logit
+# rounded to one code (fuzz seeds 147 / 184: 0.4 dB at 134 tokens, LiteRT
+# equal to the fake-quant model, i.e. silently wrong).
+_CONST_MAX_SIZE = 1 << 22
+
+
 def _param_free_constants(graph: Graph, registry: ops.Registry
                           ) -> dict[int, Any]:
   """Values of small static vars that do not depend on params (literal
@@ -137,8 +146,9 @@ def _param_free_constants(graph: Graph, registry: ops.Registry
   one jitted call (op-by-op evaluation compiled every primitive), and only
   for the vars those ops read (evaluating all of them compiled the UNet's
   resize index arithmetic too: 0.15 s)."""
-  small = lambda v: np.prod(graph.avals[v].shape) <= 4096
-  known = {k for k, v in graph.consts.items() if np.size(v) <= 4096}
+  small = lambda v: np.prod(graph.avals[v].shape) <= _CONST_MAX_SIZE
+  known = {k for k, v in graph.consts.items()
+           if np.size(v) <= _CONST_MAX_SIZE}
   params = set(graph.param_vars)
   candidates = []
   for node in graph.nodes:
@@ -172,7 +182,7 @@ def _param_free_constants(graph: Graph, registry: ops.Registry
     return [env[o] for o in outs]
 
   env: dict[int, Any] = {k: v for k, v in graph.consts.items()
-                         if np.size(v) <= 4096}
+                         if np.size(v) <= _CONST_MAX_SIZE}
   if outs:
     # PRNG keys (jax.random.key in the model) have no numpy form: skipped
     env.update((o, np.asarray(v)) for o, v in zip(outs, jax.jit(run)())
