@@ -455,6 +455,7 @@ class _Planner:
         continue
       self.boundaries[out] = dataclasses.replace(
           b, derived_from=source, derived_margin=margin)
+    self._masked_value_inputs()
     for bias, (value, margin) in self.mask_bias.items():
       src = scale_source(self.graph, value, self.registry)
       b, source = self.boundaries.get(bias), self.boundaries.get(src)
@@ -466,6 +467,24 @@ class _Planner:
       for key, spec in list(self.consts.items()):
         if spec.node == select.index:
           self.consts[key] = dataclasses.replace(spec, clamp_to=bias)
+
+  def _masked_value_inputs(self) -> None:
+    """The int8 logits a masked select (``where(mask, logits, fill)`` before
+    a softmax) reads as its only reader: litert-converter has their op write
+    them straight at the select's scale (the select needs its value at its
+    output's), so their own boundary is never rounded (rounding "none"). Its
+    fake-quant rounding there put the fake-quant model 5 output LSB from
+    the .tflite (fuzz seeds 40 / 54 / 199)."""
+    graph = self.graph
+    for out, (value, _) in self.masked.items():
+      b = self.boundaries.get(value)
+      sel = self.boundaries.get(out)
+      if b is None or sel is None or sel.derived_from is None or \
+          sel.derived_from.var != value or b.fixed_range is not None or \
+          b.rule.act_qtype != "int8" or sel.rule.act_qtype != "int8" or \
+          value in graph.out_vars or len(graph.consumers.get(value, [])) != 1:
+        continue
+      self.boundaries[value] = dataclasses.replace(b, rounding="none")
 
   def _zero_points(self) -> None:
     """Marks the calibrated boundaries an op reads at zero point 0; an
