@@ -60,16 +60,21 @@ def resnet50_64():
   return m, v, calib, held
 
 
+def _case(name: str):
+  """(model, variables, calibration batches, held-out batches) of a zoo
+  model (its Linen form) or ``resnet50_64``."""
+  if name == "resnet50_64":
+    return resnet50_64()
+  zm = registry.get(f"{name}/linen")
+  calib, held = batches_of(name)
+  return zm.model, zm.variables, calib, held
+
+
 def measure(spec: str) -> dict:
   """``name`` or ``name:max_fraction``."""
   name, _, frac = spec.partition(":")
   max_fraction = float(frac) if frac else None
-  if name == "resnet50_64":
-    model, variables, calib, held = resnet50_64()
-  else:
-    zm = registry.get(f"{name}/linen")
-    model, variables = zm.model, zm.variables
-    calib, held = batches_of(name)
+  model, variables, calib, held = _case(name)
   t0 = time.perf_counter()
   rules, stats, report = qlite.autotune(
       model, [qlite.QuantizationRule()], calib, variables=variables,
@@ -92,12 +97,7 @@ def bound(name: str, fraction: float = 0.2) -> str:
   float weights."""
   import numpy as np
   from qlite.analysis.autotune import _MixModel
-  if name == "resnet50_64":
-    model, variables, calib, held = resnet50_64()
-  else:
-    zm = registry.get(f"{name}/linen")
-    model, variables = zm.model, zm.variables
-    calib, held = batches_of(name)
+  model, variables, calib, held = _case(name)
   rules = [qlite.QuantizationRule()]
   stats = qlite.calibrate(model, rules, calib, variables=variables,
                           progress=False)
