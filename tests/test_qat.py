@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import flax.linen as nn
-from flax import nnx
 
 import qlite
 import qlite.metrics
@@ -67,6 +66,17 @@ def test_stats_moving_average(digits_trained):
   assert out.shape == (1, 10)
 
 
+def _export_qat(model, rules, qv, x):
+  """Exports the QAT variables ``qv`` (their quant_stats as the stats), runs
+  ``x`` in LiteRT: (outputs, the output scale)."""
+  blob = qlite.export_tflite(model, rules, qv["quant_stats"], x[:1],
+                             variables={"params": qv["params"]})
+  info = qlite.inspect_tflite(blob)
+  assert info.full_integer
+  lsb = float(info.tensor(info.ops[-1].inputs[0]).scale[0])
+  return run_tflite_batched(blob, x), lsb
+
+
 def test_qat_export_equals_qat_forward_within_1_lsb(digits_data,
                                                    digits_trained):
   model, variables = digits_trained
@@ -81,12 +91,7 @@ def test_qat_export_equals_qat_forward_within_1_lsb(digits_data,
   x = digits_data.x_test[:100]
   qat_out = np.asarray(qat.apply(qv, x))
   # The quant_stats collection feeds export directly: no re-calibration.
-  blob = qlite.export_tflite(model, rules, qv["quant_stats"], x[:1],
-                             variables={"params": qv["params"]})
-  info = qlite.inspect_tflite(blob)
-  assert info.full_integer
-  lsb = float(info.tensor(info.ops[-1].inputs[0]).scale[0])
-  lite = run_tflite_batched(blob, x)
+  lite, lsb = _export_qat(model, rules, qv, x)
   assert np.max(np.abs(lite - qat_out)) <= 1.0 * lsb + 1e-6
   # And the XLA-side fake-quant model with those stats agrees too.
   stats = qlite.stats_from_qat(qv["quant_stats"])
@@ -155,10 +160,5 @@ def test_qat_forward_rounds_like_litert_at_a_relu_fused_add():
     qv = {**qv, **upd}
   x = rng.normal(size=(16, 12)).astype(np.float32)
   qat_out = np.asarray(qat.apply(qv, x))
-  blob = qlite.export_tflite(model, rules, qv["quant_stats"], x[:1],
-                             variables={"params": qv["params"]})
-  info = qlite.inspect_tflite(blob)
-  assert info.full_integer
-  lsb = float(info.tensor(info.ops[-1].inputs[0]).scale[0])
-  lite = run_tflite_batched(blob, x)
+  lite, lsb = _export_qat(model, rules, qv, x)
   assert np.max(np.abs(lite - qat_out)) <= 1e-4 * lsb + 1e-6
