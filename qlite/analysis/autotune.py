@@ -260,10 +260,26 @@ class _MixModel:
     self.widx = {k: j for j, k in enumerate(plan.weights)}
     live: dict[str, Any] = {}
 
-    def fq_low(var, val):
+    # A boundary the int8 plan leaves unrounded (rounding "none": an op whose
+    # relu / masked select LiteRT fuses) is rounded after all when that
+    # reader is not int8 in the candidate set: LiteRT then requantizes it.
+    unrounded_reader = {}
+    for b in self.bs:
+      if b.rounding == "none":
+        cons = graph.consumers.get(b.var, [])
+        if len(cons) == 1 and cons[0].outputs and \
+            cons[0].outputs[0] in self.idx:
+          unrounded_reader[b.var] = self.idx[cons[0].outputs[0]]
+
+    def fq_low(var, val, codes=None):
       qt, (s, z) = low[var]
-      return numerics.fake_quant(val, s[0], z[0], qt,
-                                 rounding=plan.boundaries[var].rounding)
+      rounding = plan.boundaries[var].rounding
+      if rounding == "none" and codes is not None and \
+          var in unrounded_reader:
+        rounded = numerics.fake_quant(val, s[0], z[0], qt)
+        return jnp.where(codes[unrounded_reader[var]] == 1,
+                         val, rounded)
+      return numerics.fake_quant(val, s[0], z[0], qt, rounding=rounding)
 
     def weight(spec, w):
       s, z = fq.weight_scale(w, spec.rule.weight_qtype, spec.channel_axis,
@@ -300,7 +316,7 @@ class _MixModel:
           return val
         s, z = high[var]
         q16 = numerics.fake_quant(val, s[0], z[0], INT16)
-        return jnp.where(codes[i] == 1, fq_low(var, val),
+        return jnp.where(codes[i] == 1, fq_low(var, val, codes),
                          jnp.where(codes[i] == 2, q16, val))
 
       def on_node(node, invals):
