@@ -71,20 +71,26 @@ def _bench_item(name):
 
 
 def _zoo_item(name):
-  import jax
   from qlite.zoo import base, registry
   zm = registry.get(name)
   first = np.asarray(zm.batches[0])
   make = base.uniform_batches if first.min() >= 0 else base.normal_batches
   held = make(first.shape[1:], seed=12345, num=4, batch_size=first.shape[0])
   xs = np.concatenate(held)
+  ref = _zoo_reference(zm, xs)
+  return Item(name, zm.model, zm.variables if zm.framework == "linen" else None,
+              list(zm.batches), (first[:1],), xs, ref)
+
+
+def _zoo_reference(zm, xs):
+  """The float outputs of zoo model ``zm`` on the rows of ``xs``, one row
+  at a time."""
+  import jax
   if zm.framework == "linen":
     fn = jax.jit(lambda x: zm.model.apply(zm.variables, x))
   else:
     fn = lambda x: zm.model(x)
-  ref = np.concatenate([np.asarray(fn(xs[i:i + 1])) for i in range(len(xs))])
-  return Item(name, zm.model, zm.variables if zm.framework == "linen" else None,
-              list(zm.batches), (first[:1],), xs, ref)
+  return np.concatenate([np.asarray(fn(xs[i:i + 1])) for i in range(len(xs))])
 
 
 def _bert_item(name):
@@ -93,15 +99,10 @@ def _bert_item(name):
 
 
 def _zoo_split_item(name):
-  import jax
   from qlite.zoo import registry
   zm = registry.get(name)
   xs = np.concatenate([np.asarray(b) for b in zm.batches[4:]])
-  if zm.framework == "linen":
-    fn = jax.jit(lambda x: zm.model.apply(zm.variables, x))
-  else:
-    fn = lambda x: zm.model(x)
-  ref = np.concatenate([np.asarray(fn(xs[i:i + 1])) for i in range(len(xs))])
+  ref = _zoo_reference(zm, xs)
   return Item(name, zm.model, zm.variables if zm.framework == "linen" else None,
               list(zm.batches[:4]), (np.asarray(zm.batches[0])[:1],), xs, ref)
 
